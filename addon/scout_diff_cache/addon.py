@@ -1,0 +1,292 @@
+"""The mitmproxy glue: options, local endpoints, the chat request rewrite, streaming and errors.
+
+The class stays thin; the work lives in the modules it calls. A hook that raises would make
+mitmproxy forward the request unmodified, so ``request`` answers every failure itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from . import __version__
+from .config import (
+    CONFIG_OPTION,
+    SETTING_NAMES,
+    ConfigError,
+    Settings,
+    load_settings,
+    option_name,
+    resolve_config_path,
+    setting_help,
+)
+from .context import ContextProvider, RepoContext, human_bytes
+from .errors import ApiError, error_response, json_response
+from .exclusions import PathFilter
+from .gitrepo import GitError, GitRepo
+from .prompt import BadRequest, assemble_body, parse_chat_request
+from .snapshot import SnapshotLimits
+from .watcher import ChangeMonitor
+from .workdiff import DiffLimits
+
+logger = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+HEALTH_PATH = "/health"
+METADATA_KEY = "scout_diff_cache"
+MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
+
+
+OPTIONAL_STR: Any = str | None
+
+
+def _option_type(setting: str) -> Any:
+    annotation = Settings.model_fields[setting].annotation
+    if annotation is int:
+        return int | None
+    if annotation == tuple[str, ...]:
+        return Sequence[str]
+    return OPTIONAL_STR  # strings, and booleans given as true/false
+
+
+class ScoutDiffCache:
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.provider: ContextProvider | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            CONFIG_OPTION,
+            OPTIONAL_STR,
+            None,
+            "config.yaml to read (default: $SCOUT_CONFIG, else the project's own config.yaml).",
+        )
+        for setting in SETTING_NAMES:
+            default: Any = [] if _option_type(setting) == Sequence[str] else None
+            loader.add_option(
+                option_name(setting),
+                _option_type(setting),
+                default,
+                f"{setting_help(setting)} Unset: environment {setting.upper()}, then config.yaml.",
+            )
+
+    def configure(self, updated: set[str]) -> None:
+        ours = {CONFIG_OPTION, *(option_name(s) for s in SETTING_NAMES)}
+        if self.settings is not None and not (updated & ours):
+            return
+        options = {s: getattr(ctx.options, option_name(s)) for s in SETTING_NAMES}
+        try:
+            config_path = resolve_config_path(ctx.options.scout_config, os.environ)
+            settings, sources = load_settings(options, os.environ, config_path)
+            path_filter = PathFilter.build(settings.exclude_path_patterns, settings.use_default_excludes)
+        except ConfigError as e:
+            raise _options_error(f"scout-diff-cache: {e}") from None
+        except ValueError as e:  # an exclusion pattern pathspec cannot compile
+            raise _options_error(f"scout-diff-cache: invalid setting exclude_path_patterns: {e}") from None
+        try:
+            repo = GitRepo(settings.git_repo_path)
+        except GitError as e:
+            raise _options_error(f"scout-diff-cache: invalid setting git_repo_path: {e}") from None
+        self._stop_monitor()
+        monitor = ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir])
+        monitor.start()
+        self.settings = settings
+        self.provider = ContextProvider(
+            repo,
+            monitor,
+            SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
+            DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
+        )
+        logger.info(
+            "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
+            __version__,
+            repo.toplevel,
+            settings.inject_context,
+            config_path or "none",
+            ", ".join(f"{k}={v}" for k, v in sorted(sources.items()) if v != "default") or "defaults",
+        )
+
+    def running(self) -> None:
+        # Reverse mode connects upstream eagerly by default and drops the client when that fails,
+        # which would take /health and /v1/models down with the upstream.
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.connection_strategy = "lazy"
+
+    def done(self) -> None:
+        self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        if self.provider is not None:
+            self.provider.monitor.stop()
+
+    # --- hooks -----------------------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or self.settings is None or self.provider is None:
+            return
+        try:
+            await self._route(flow, self.settings, self.provider)
+        except ApiError as e:
+            flow.response = error_response(e)
+        except Exception as e:
+            logger.exception("scout-diff-cache: request to %s failed", flow.request.path)
+            flow.response = error_response(
+                ApiError(500, f"internal proxy error: {type(e).__name__}: {e}", "server_error", "internal_error")
+            )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        assert flow.response is not None
+        if "text/event-stream" in flow.response.headers.get("content-type", ""):
+            flow.response.stream = True
+        self._mask_upstream_key(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._mask_upstream_key(flow)
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    async def _route(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
+        path = flow.request.path.partition("?")[0]
+        method = flow.request.method.upper()
+        if path == HEALTH_PATH and method in ("GET", "HEAD"):
+            flow.response = await self._health(settings, provider)
+            return
+        if settings.inject_context:
+            if path == MODELS_PATH and method == "GET":
+                flow.response = json_response(200, {"object": "list", "data": [_model_card(settings.model_id)]})
+                return
+            if path.startswith(MODELS_PATH + "/") and method == "GET":
+                flow.response = _model_lookup(path.removeprefix(MODELS_PATH + "/"), settings.model_id)
+                return
+            if path == CHAT_PATH:
+                if method != "POST":
+                    raise ApiError(
+                        405,
+                        f"{method} is not allowed on {CHAT_PATH}; use POST",
+                        "invalid_request_error",
+                        "method_not_allowed",
+                    )
+                await self._inject(flow, settings, provider)
+        if settings.target_api_key is not None:
+            flow.request.headers["authorization"] = f"Bearer {settings.target_api_key}"
+
+    async def _inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
+        if flow.is_replay == "request" and METADATA_KEY in flow.metadata:
+            logger.info("replayed chat request: its body already carries the context, sent as is")
+            return
+        started = time.perf_counter()
+        try:
+            chat = parse_chat_request(flow.request.get_content(strict=False) or b"")
+        except BadRequest as e:
+            raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
+        context = await _context_or_error(provider)
+        body = assemble_body(chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model)
+        flow.request.headers.pop("content-encoding", None)
+        flow.request.headers["content-type"] = "application/json"
+        flow.request.content = body
+        _annotate(flow, context, len(body))
+        logger.info(
+            "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
+            _short(context.snapshot.commit),
+            human_bytes(context.snapshot.size),
+            context.snapshot.file_count,
+            human_bytes(context.diff.size),
+            context.diff.included_files,
+            human_bytes(len(body)),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _health(self, settings: Settings, provider: ContextProvider) -> http.Response:
+        report: dict[str, Any] = {
+            "status": "ok",
+            "version": __version__,
+            "repo": str(provider.repo.toplevel),
+            "inject_context": settings.inject_context,
+            "model": settings.model_id,
+            "watching_changes": provider.monitor.watching,
+        }
+        try:
+            context = await provider.current()
+        except GitError as e:
+            report.update(status="error", error=str(e))
+            return json_response(503, report)
+        report.update(
+            head=context.snapshot.commit,
+            snapshot={
+                "commit": context.snapshot.commit,
+                "bytes": context.snapshot.size,
+                "files": context.snapshot.file_count,
+                "symlinks": context.snapshot.symlink_count,
+                "left_out": context.snapshot.skipped_count,
+            },
+            diff={
+                "bytes": context.diff.size,
+                "files": context.diff.included_files,
+                "left_out": context.diff.left_out_files,
+            },
+            snapshot_builds=provider.snapshot_builds,
+        )
+        return json_response(200, report)
+
+    def _mask_upstream_key(self, flow: http.HTTPFlow) -> None:
+        """Keep TARGET_API_KEY out of what mitmweb and mitmdump show once the request has gone."""
+        key = self.settings.target_api_key if self.settings is not None else None
+        if key is not None and flow.request.headers.get("authorization") == f"Bearer {key}":
+            flow.request.headers["authorization"] = MASKED_AUTHORIZATION
+
+
+async def _context_or_error(provider: ContextProvider) -> RepoContext:
+    try:
+        return await provider.current()
+    except GitError as e:
+        raise ApiError(500, f"cannot read the git repository: {e}", "server_error", "git_error") from None
+
+
+def _annotate(flow: http.HTTPFlow, context: RepoContext, body_bytes: int) -> None:
+    flow.metadata[METADATA_KEY] = {
+        "commit": context.snapshot.commit,
+        "snapshot_bytes": context.snapshot.size,
+        "snapshot_files": context.snapshot.file_count,
+        "diff_bytes": context.diff.size,
+        "diff_files": context.diff.included_files,
+        "body_bytes": body_bytes,
+    }
+    flow.comment = (
+        f"snap {_short(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "
+        f"diff {human_bytes(context.diff.size)}"
+    )
+
+
+def _options_error(message: str) -> exceptions.OptionsError:
+    return exceptions.OptionsError(message)  # type: ignore[no-untyped-call]
+
+
+def _short(commit: str | None) -> str:
+    return commit[:7] if commit else "unborn"
+
+
+def _model_card(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "scout-diff-cache"}
+
+
+def _model_lookup(requested: str, model_id: str) -> http.Response:
+    if requested == model_id:
+        return json_response(200, _model_card(model_id))
+    return error_response(
+        ApiError(
+            404,
+            f"The model '{requested}' does not exist; this proxy serves '{model_id}'",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    )

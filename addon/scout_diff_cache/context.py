@@ -1,0 +1,124 @@
+"""The repository context for a request: the snapshot of HEAD's commit and the working diff against it.
+
+Both are computed off the event loop and shared: a snapshot is built once per commit (concurrent
+requests wait for the same build), and HEAD plus the diff are re-read only when the change
+monitor's generation moved. HEAD and the diff are read together, the diff against HEAD's commit
+id (not the symbolic ``HEAD``), so a request never pairs a snapshot with a diff of another commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .gitrepo import GitRepo
+from .snapshot import Snapshot, SnapshotLimits, build_snapshot
+from .watcher import ChangeMonitor, Generation
+from .workdiff import DiffLimits, WorkingDiff, build_working_diff
+
+logger = logging.getLogger(__name__)
+
+KEPT_SNAPSHOTS = 2
+
+
+@dataclass(frozen=True)
+class RepoContext:
+    snapshot: Snapshot
+    diff: WorkingDiff
+
+
+@dataclass(frozen=True)
+class _WorkState:
+    commit: str | None
+    diff: WorkingDiff
+
+
+class ContextProvider:
+    def __init__(
+        self, repo: GitRepo, monitor: ChangeMonitor, snapshot_limits: SnapshotLimits, diff_limits: DiffLimits
+    ) -> None:
+        self.repo = repo
+        self.monitor = monitor
+        self.snapshot_limits = snapshot_limits
+        self.diff_limits = diff_limits
+        self.snapshot_builds = 0
+        self.state_reads = 0
+        self._state: tuple[Generation, _WorkState] | None = None
+        self._state_task: tuple[Generation, asyncio.Task[_WorkState]] | None = None
+        self._snapshots: OrderedDict[str | None, Snapshot] = OrderedDict()
+        self._builds: dict[str | None, asyncio.Task[Snapshot]] = {}
+
+    async def current(self) -> RepoContext:
+        state = await self._work_state()
+        return RepoContext(await self.snapshot(state.commit), state.diff)
+
+    async def snapshot(self, commit: str | None) -> Snapshot:
+        """The snapshot of ``commit``, built at most once however many requests ask at the same time."""
+        if commit in self._snapshots:
+            self._snapshots.move_to_end(commit)
+            return self._snapshots[commit]
+        task = self._builds.get(commit)
+        if task is None:
+            task = asyncio.create_task(self._build(commit), name=f"scout snapshot {commit}")
+            self._builds[commit] = task
+        return await asyncio.shield(task)
+
+    async def _build(self, commit: str | None) -> Snapshot:
+        started = time.perf_counter()
+        try:
+            snapshot = await asyncio.to_thread(build_snapshot, self.repo, commit, self.snapshot_limits)
+        finally:
+            del self._builds[commit]
+        self.snapshot_builds += 1
+        self._snapshots[commit] = snapshot
+        while len(self._snapshots) > KEPT_SNAPSHOTS:
+            self._snapshots.popitem(last=False)
+        logger.info(
+            "snapshot %s built in %.2f s: %d files, %d symlinks, %d left out, %s",
+            (commit or "(no commits)")[:12],
+            time.perf_counter() - started,
+            snapshot.file_count,
+            snapshot.symlink_count,
+            snapshot.skipped_count,
+            human_bytes(snapshot.size),
+        )
+        return snapshot
+
+    async def _work_state(self) -> _WorkState:
+        generation = self.monitor.generation
+        if self._state is not None and self._state[0] == generation:
+            return self._state[1]
+        if self._state_task is None or self._state_task[0] != generation:
+            task = asyncio.create_task(self._read_state(generation), name="scout working state")
+            self._state_task = (generation, task)
+        return await asyncio.shield(self._state_task[1])
+
+    async def _read_state(self, generation: Generation) -> _WorkState:
+        try:
+            state = await asyncio.to_thread(self._read_state_blocking)
+        except BaseException:
+            if self._state_task is not None and self._state_task[0] == generation:
+                self._state_task = None  # let the next request try again
+            raise
+        self._state = (generation, state)
+        return state
+
+    def _read_state_blocking(self) -> _WorkState:
+        self.state_reads += 1
+        commit = self.repo.head_commit()
+        return _WorkState(commit, build_working_diff(self.repo, commit, self.diff_limits))
+
+
+def human_bytes(size: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as in the mitmweb comment)."""
+    if size < 1000:
+        return f"{size} B"
+    scaled = float(size)
+    for unit in ("KB", "MB"):
+        scaled /= 1000
+        if scaled < 1000:
+            return f"{scaled:.1f} {unit}"
+    return f"{scaled / 1000:.1f} GB"

@@ -1,0 +1,255 @@
+"""Read-only access to the watched git repository.
+
+Every command runs with ``GIT_OPTIONAL_LOCKS=0`` and only plumbing that never writes: no index
+refresh, no ``index.lock``, nothing under ``.git`` is modified. Blobs are read from the object
+database (``ls-tree`` + one ``cat-file --batch``), never from the working tree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+EMPTY_TREE_SHA1 = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+EMPTY_TREE_SHA256 = "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321"
+
+# Output-shaping configuration pinned on the command line so a user's git config cannot change
+# what we produce (prefixes, colours, external diff drivers, path quoting).
+_PINNED_CONFIG = (
+    "-c",
+    "core.quotePath=false",
+    "-c",
+    "diff.noprefix=false",
+    "-c",
+    "diff.mnemonicPrefix=false",
+    "-c",
+    "diff.external=",
+    "-c",
+    "color.ui=never",
+)
+
+_SCRUBBED_ENV = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_COMMON_DIR",
+)
+
+
+class GitError(Exception):
+    """A git operation failed; the message says which and why, for the 500 envelope."""
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One entry of ``git ls-tree -r -l``: kind is blob, commit (a submodule) or tree."""
+
+    mode: str
+    kind: str
+    oid: str
+    size: int | None
+    path: bytes
+
+
+@dataclass(frozen=True)
+class RawChange:
+    """One entry of ``git diff-index`` raw output (a path that differs from the commit)."""
+
+    status: str
+    new_mode: str
+    path: bytes
+
+
+def _git_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(
+        GIT_OPTIONAL_LOCKS="0",
+        LC_ALL="C",
+        LANG="C",
+        GIT_TERMINAL_PROMPT="0",
+        GIT_PAGER="cat",
+    )
+    return env
+
+
+class GitRepo:
+    """A git work tree, opened once; all reads go through short-lived git processes."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            repo = git.Repo(path, search_parent_directories=True)
+        except git.NoSuchPathError:
+            raise GitError(f"{path} does not exist") from None
+        except git.InvalidGitRepositoryError:
+            raise GitError(f"{path} is not inside a git repository") from None
+        try:
+            if repo.bare or repo.working_tree_dir is None:
+                raise GitError(f"{path} is a bare repository; point GIT_REPO_PATH at a work tree")
+            self.toplevel = Path(repo.working_tree_dir)
+            self.git_dir = Path(repo.git_dir)
+            self.common_dir = Path(repo.common_dir)
+        finally:
+            repo.close()
+        self.object_format = self.run("rev-parse", "--show-object-format").decode().strip() or "sha1"
+
+    @property
+    def empty_tree(self) -> str:
+        return EMPTY_TREE_SHA256 if self.object_format == "sha256" else EMPTY_TREE_SHA1
+
+    def run(self, *args: str, ok_codes: Sequence[int] = (0,)) -> bytes:
+        """Run a git command in the work tree and return stdout; failures raise GitError."""
+        return self._run(list(args), ok_codes)[1]
+
+    def _run(self, args: list[str], ok_codes: Sequence[int]) -> tuple[int, bytes]:
+        command = ["git", *_PINNED_CONFIG, *args]
+        try:
+            proc = subprocess.run(
+                command,
+                check=False,
+                cwd=self.toplevel,
+                env=_git_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+            )
+        except FileNotFoundError:
+            if not self.toplevel.is_dir():
+                raise GitError(f"the repository directory {self.toplevel} no longer exists") from None
+            raise GitError("the git executable was not found on PATH") from None
+        except NotADirectoryError:
+            raise GitError(f"the repository path {self.toplevel} is no longer a directory") from None
+        if proc.returncode not in ok_codes:
+            detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise GitError(f"git {args[0]} failed in {self.toplevel}: {' '.join(detail[-3:]) or proc.returncode}")
+        return proc.returncode, proc.stdout
+
+    def head_commit(self) -> str | None:
+        """The commit HEAD points to, or None while HEAD is unborn (no commit yet)."""
+        code, out = self._run(["rev-parse", "-q", "--verify", "HEAD^{commit}"], ok_codes=(0, 1))
+        if code == 0:
+            return out.decode().strip()
+        code, ref = self._run(["symbolic-ref", "-q", "HEAD"], ok_codes=(0, 1))
+        if code == 0:
+            branch = ref.decode().strip()
+            code, _ = self._run(["rev-parse", "-q", "--verify", branch], ok_codes=(0, 1))
+            if code == 1:
+                return None
+        raise GitError(f"HEAD of {self.toplevel} does not point to a commit")
+
+    def ls_tree(self, commit: str) -> list[TreeEntry]:
+        """Every entry of the commit's tree, recursively, with blob sizes."""
+        out = self.run("ls-tree", "-r", "-z", "-l", "--full-tree", commit)
+        entries = []
+        for record in out.split(b"\0"):
+            if not record:
+                continue
+            meta, _, path = record.partition(b"\t")
+            mode, kind, oid, size = meta.decode().split()
+            entries.append(TreeEntry(mode, kind, oid, None if size == "-" else int(size), path))
+        return entries
+
+    def read_blobs(self, oids: Sequence[str]) -> Generator[bytes]:
+        """Contents of the given blobs, in order, through one ``git cat-file --batch`` process."""
+        if not oids:
+            return
+        proc = subprocess.Popen(
+            ["git", "cat-file", "--batch"],
+            cwd=self.toplevel,
+            env=_git_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(b"".join(oid.encode() + b"\n" for oid in oids))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+        writer = threading.Thread(target=feed, name="scout-cat-file-writer", daemon=True)
+        writer.start()
+        try:
+            for oid in oids:
+                header = proc.stdout.readline().split()
+                if len(header) != 3:
+                    error = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
+                    raise GitError(f"git cat-file could not read object {oid}: {error or b' '.join(header)!r}")
+                size = int(header[2])
+                data = proc.stdout.read(size)
+                proc.stdout.read(1)
+                if len(data) != size:
+                    raise GitError(f"git cat-file returned a truncated object {oid}")
+                yield data
+        finally:
+            proc.kill()
+            proc.wait()
+            writer.join()
+            proc.stdout.close()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    def changed_paths(self, commit: str) -> list[RawChange]:
+        """Paths whose working-tree state differs from the commit (tracked files only)."""
+        out = self.run("diff-index", "-z", "--no-renames", "--ignore-submodules=none", commit, "--")
+        fields = iter(out.split(b"\0"))
+        changes = []
+        for meta in fields:
+            if not meta.startswith(b":"):
+                continue
+            _old_mode, new_mode, _old_oid, _new_oid, status = meta[1:].decode().split()
+            changes.append(RawChange(status[:1], new_mode, next(fields)))
+        return changes
+
+    def patch(self, commit: str, paths: Sequence[bytes]) -> bytes:
+        """``git diff-index -p`` of the working tree against the commit, limited to the given paths."""
+        if not paths:
+            return b""
+        out = []
+        for start in range(0, len(paths), 500):
+            chunk = [os.fsdecode(p) for p in paths[start : start + 500]]
+            out.append(
+                self.run(
+                    "--literal-pathspecs",
+                    "diff-index",
+                    "-p",
+                    "--full-index",
+                    "--no-renames",
+                    "--no-color",
+                    "--no-ext-diff",
+                    "--no-textconv",
+                    "--src-prefix=a/",
+                    "--dst-prefix=b/",
+                    "--no-relative",
+                    "-U3",
+                    "--inter-hunk-context=0",
+                    "--diff-algorithm=myers",
+                    "--ignore-submodules=none",
+                    commit,
+                    "--",
+                    *chunk,
+                )
+            )
+        return b"".join(out)
+
+    def untracked_paths(self) -> list[bytes]:
+        """Untracked files that are not ignored (``.gitignore``, ``info/exclude``, core.excludesFile)."""
+        out = self.run(
+            "ls-files",
+            "-z",
+            "--others",
+            "--exclude-standard",
+            "--full-name",
+            "--",
+            ":/",
+        )
+        return [p for p in out.split(b"\0") if p]

@@ -1,0 +1,105 @@
+"""Prompt assembly: validate the client's chat request and splice the cached context messages in.
+
+Only the client's own (small) body is parsed. The snapshot and diff messages arrive already
+JSON-encoded and are joined in as bytes, so a 40 MB snapshot is never re-encoded per request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class BadRequest(Exception):
+    """The body is not a valid chat completions request; the message tells the client why."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A parsed chat request: its messages, and every other top-level field as sent."""
+
+    fields: dict[str, Any]
+    messages: list[dict[str, Any]]
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"request body is not valid JSON: {name} is not allowed")
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    if not body.strip():
+        raise BadRequest("request body is empty; expected a JSON object with a 'messages' array")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, not {_json_type(data)}")
+    if "messages" not in data:
+        raise BadRequest("'messages' is required", "messages")
+    messages = data.pop("messages")
+    if not isinstance(messages, list):
+        raise BadRequest(f"'messages' must be an array, not {_json_type(messages)}", "messages")
+    for index, message in enumerate(messages):
+        _check_message(index, message)
+    if "model" in data and not isinstance(data["model"], str):
+        raise BadRequest(f"'model' must be a string, not {_json_type(data['model'])}", "model")
+    if "stream" in data and not isinstance(data["stream"], bool | None):
+        raise BadRequest(f"'stream' must be a boolean, not {_json_type(data['stream'])}", "stream")
+    return ChatRequest(fields=data, messages=messages)
+
+
+def _check_message(index: int, message: object) -> None:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise BadRequest(f"{where} must be an object, not {_json_type(message)}", where)
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise BadRequest(f"{where}.role must be a non-empty string", f"{where}.role")
+    content = message.get("content")
+    if not isinstance(content, str | list | None):
+        raise BadRequest(
+            f"{where}.content must be a string, an array of content parts or null, not {_json_type(content)}",
+            f"{where}.content",
+        )
+
+
+def _json_type(value: object) -> str:
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "a boolean"
+        case int() | float():
+            return "a number"
+        case str():
+            return "a string"
+        case list():
+            return "an array"
+        case dict():
+            return "an object"
+    return type(value).__name__
+
+
+def _compact(value: object) -> bytes:
+    # ASCII escapes keep lone surrogates from the client (legal in JSON) encodable.
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def assemble_body(request: ChatRequest, context_messages: list[bytes], upstream_model: str | None = None) -> bytes:
+    """The upstream body: the client's fields, then ``messages`` = context messages + client messages."""
+    fields = dict(request.fields)
+    if upstream_model is not None:
+        fields["model"] = upstream_model
+    head = _compact(fields)[:-1]  # drop the closing brace
+    separator = b"," if len(head) > 1 else b""
+    client_messages = _compact(request.messages)[1:-1]
+    messages = b",".join([*context_messages, *([client_messages] if client_messages else [])])
+    return b"".join((head, separator, b'"messages":[', messages, b"]}"))
