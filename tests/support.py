@@ -1,0 +1,367 @@
+"""Test helpers: real git repositories in temp dirs, a recording upstream on 127.0.0.1, a real mitmdump."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "addon" / "scout.py"
+SETTING_ENV_NAMES = (
+    "GIT_REPO_PATH", "TARGET_API_KEY", "MAX_FILE_BYTES", "MAX_SNAPSHOT_BYTES", "MAX_DIFF_BYTES", "INJECT_CONTEXT",
+    "EXCLUDE_PATH_PATTERNS", "USE_DEFAULT_EXCLUDES", "UPSTREAM_TIMEOUT_MS", "MODEL_ID", "UPSTREAM_MODEL",
+    "SCOUT_CONFIG",
+)  # fmt: skip
+
+# Fixed identity and dates: the same operations give the same commit ids on every machine.
+GIT_COMMIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test Author",
+    "GIT_AUTHOR_EMAIL": "author@example.invalid",
+    "GIT_COMMITTER_NAME": "Test Committer",
+    "GIT_COMMITTER_EMAIL": "committer@example.invalid",
+    "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
+    "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
+}
+
+
+class Repo:
+    """A real git repository in a temp dir, driven through the git command line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, path: Path, files: Mapping[str, str | bytes] | None = None, commit: bool = True) -> Repo:
+        path.mkdir(parents=True, exist_ok=True)
+        repo = cls(path)
+        repo.git("init", "-q", "-b", "main")
+        if files:
+            repo.write(files)
+            if commit:
+                repo.commit_all("initial")
+        return repo
+
+    def git(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run(
+            ["git", *args], cwd=self.path, env={**os.environ, **GIT_COMMIT_ENV}, capture_output=True, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout.decode("utf-8", errors="replace")
+
+    def write(self, files: Mapping[str, str | bytes]) -> None:
+        for name, content in files.items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                target.write_text(content, encoding="utf-8", newline="")
+            else:
+                target.write_bytes(content)
+
+    def commit_all(self, message: str) -> str:
+        self.git("add", "-A")
+        self.git("commit", "-q", "--allow-empty", "-m", message)
+        return self.head()
+
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD").strip()
+
+    def git_dir_fingerprint(self) -> dict[str, str]:
+        """Hash of every file under .git (content and mtime): proves nothing was written there."""
+        result = {}
+        git_dir = self.path / ".git"
+        for item in sorted(git_dir.rglob("*")):
+            if item.is_file():
+                stat = item.stat()
+                digest = hashlib.sha256(item.read_bytes()).hexdigest()
+                result[str(item.relative_to(git_dir))] = f"{digest}:{stat.st_mtime_ns}"
+        return result
+
+
+# --- a recording upstream -------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class UpstreamBehaviour:
+    """What the fake model server does; tests change it while it runs."""
+
+    stream_chunks: int = 3
+    # When set, the server sends the first SSE chunk, then waits for this before sending the rest.
+    stream_gate: threading.Event | None = None
+    reply_text: str = "ok"
+    status: int = 200
+    error_body: bytes | None = None
+
+
+class _UpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _UpstreamServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _record(self) -> Recorded:
+        length = int(self.headers.get("content-length", 0))
+        body = self.rfile.read(length) if length else b""
+        record = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        self.server.recorded.append(record)
+        return record
+
+    def do_GET(self) -> None:
+        self._record()
+        self._send_json(200, {"upstream": True, "path": self.path})
+
+    def do_POST(self) -> None:
+        record = self._record()
+        behaviour = self.server.behaviour
+        if behaviour.status != 200:
+            self._send_raw(behaviour.status, behaviour.error_body or b"{}", "application/json")
+            return
+        try:
+            payload = json.loads(record.body)
+        except ValueError:
+            payload = {}
+        if isinstance(payload, dict) and payload.get("stream"):
+            self._stream(behaviour)
+        else:
+            self._send_json(200, _completion(behaviour.reply_text))
+
+    def _send_json(self, status: int, payload: object) -> None:
+        self._send_raw(status, json.dumps(payload).encode(), "application/json")
+
+    def _send_raw(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, behaviour: UpstreamBehaviour) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for index in range(behaviour.stream_chunks):
+            if index == 1 and behaviour.stream_gate is not None:
+                behaviour.stream_gate.wait(timeout=20)
+            event = {
+                "id": "chatcmpl-test",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "test",
+                "choices": [{"index": 0, "delta": {"content": f"part{index} "}, "finish_reason": None}],
+            }
+            self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def _completion(text: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "test",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+class _UpstreamServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _UpstreamHandler)
+        self.recorded: list[Recorded] = []
+        self.behaviour = UpstreamBehaviour()
+
+
+@dataclass
+class Upstream:
+    server: _UpstreamServer
+    thread: threading.Thread = field(repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def recorded(self) -> list[Recorded]:
+        return self.server.recorded
+
+    @property
+    def behaviour(self) -> UpstreamBehaviour:
+        return self.server.behaviour
+
+    def chat_requests(self) -> list[Recorded]:
+        return [r for r in self.recorded if r.path.startswith("/v1/chat/completions")]
+
+
+@contextlib.contextmanager
+def run_upstream() -> Iterator[Upstream]:
+    server = _UpstreamServer()
+    thread = threading.Thread(target=server.serve_forever, name="test-upstream", daemon=True)
+    thread.start()
+    try:
+        yield Upstream(server, thread)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- a real mitmdump running the addon ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mitmdump_executable() -> str:
+    candidate = Path(sys.executable).parent / "mitmdump"
+    return str(candidate) if candidate.exists() else "mitmdump"
+
+
+@dataclass
+class Proxy:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> HttpResult:
+        return http_request(method, self.base_url + path, body, headers)
+
+    def get(self, path: str) -> HttpResult:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> HttpResult:
+        return self.request("POST", path, body, {"content-type": "application/json", **(headers or {})})
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_request(
+    method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float = 60
+) -> HttpResult:
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return HttpResult(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
+    except urllib.error.HTTPError as e:
+        return HttpResult(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+def proxy_env(env: Mapping[str, str], work_dir: Path) -> dict[str, str]:
+    """The environment for mitmdump: ours without inherited scout settings, plus the test's own."""
+    config = work_dir / "empty-config.yaml"
+    config.write_text("{}\n")
+    base = {k: v for k, v in os.environ.items() if k not in SETTING_ENV_NAMES}
+    return {**base, "SCOUT_CONFIG": str(config), **env}
+
+
+@contextlib.contextmanager
+def run_proxy(
+    upstream_url: str,
+    work_dir: Path,
+    env: Mapping[str, str],
+    extra_args: tuple[str, ...] = (),
+    wait: bool = True,
+) -> Iterator[Proxy]:
+    """Start ``mitmdump -s addon/scout.py`` in reverse mode in front of ``upstream_url``; stop it after."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = work_dir / f"mitmdump-{port}.log"
+    command = [
+        mitmdump_executable(),
+        "-s", str(SCRIPT),
+        "--mode", f"reverse:{upstream_url}",
+        "--listen-host", "127.0.0.1",
+        "-p", str(port),
+        "--set", f"confdir={work_dir / 'mitmproxy-conf'}",
+        *extra_args,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=proxy_env(env, work_dir), cwd=work_dir
+        )
+    proxy = Proxy(process, port, log_path)
+    try:
+        if wait:
+            wait_until_listening(proxy)
+        yield proxy
+    finally:
+        stop_process(process)
+
+
+def wait_until_listening(proxy: Proxy, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proxy.process.poll() is not None:
+            raise AssertionError(f"mitmdump exited with {proxy.process.returncode}:\n{proxy.log()}")
+        if "listening at" in proxy.log():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", proxy.port), timeout=1):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"mitmdump did not start listening within {timeout} s:\n{proxy.log()}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
