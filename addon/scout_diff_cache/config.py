@@ -33,7 +33,7 @@ class ConfigError(Exception):
 class Settings(BaseModel):
     """Every setting of the addon. Field descriptions are the one-line help used everywhere."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     git_repo_path: str = Field(".", description="Git work tree to snapshot (default: the current directory).")
     target_api_key: str | None = Field(

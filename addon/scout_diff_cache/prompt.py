@@ -35,9 +35,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object with a 'messages' array")
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BadRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, dict):

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scout_diff_cache.context import ContextProvider, human_bytes
+from scout_diff_cache.exclusions import PathFilter
+from scout_diff_cache.gitrepo import GitError, GitRepo
+from scout_diff_cache.snapshot import SnapshotLimits
+from scout_diff_cache.watcher import ChangeMonitor
+from scout_diff_cache.workdiff import DiffLimits
+from support import Repo
+
+
+def make_provider(repo: Repo, watch: bool = True) -> ContextProvider:
+    git_repo = GitRepo(str(repo.path))
+    monitor = ChangeMonitor(git_repo.toplevel, [git_repo.git_dir, git_repo.common_dir])
+    if watch:
+        monitor.start()
+    path_filter = PathFilter.build((), True)
+    return ContextProvider(
+        git_repo, monitor, SnapshotLimits(10_000, 1_000_000, path_filter), DiffLimits(10_000, 100_000, path_filter)
+    )
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_concurrent_requests_share_one_snapshot_build(make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({f"src/f{i}.py": f"x = {i}\n" * 50 for i in range(200)})
+    provider = make_provider(repo)
+    try:
+        contexts = await asyncio.gather(*(provider.current() for _ in range(32)))
+        assert provider.snapshot_builds == 1
+        assert len({c.snapshot.message_json for c in contexts}) == 1
+        assert contexts[0].snapshot.file_count == 200
+    finally:
+        provider.monitor.stop()
+
+
+async def test_state_is_reread_only_after_a_change(make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({"a.txt": "one\n"})
+    provider = make_provider(repo)
+    try:
+        await provider.current()
+        reads = provider.state_reads
+        for _ in range(20):
+            await provider.current()
+        assert provider.state_reads == reads, "an unchanged repo must not be re-read per request"
+
+        (repo.path / "a.txt").write_text("two\n")
+        started = time.monotonic()
+        await wait_for(lambda: provider.monitor.generation[0] > 0)
+        context = await provider.current()
+        assert time.monotonic() - started < 0.2
+        assert "+two" in context.diff.text
+        assert provider.state_reads == reads + 1
+    finally:
+        provider.monitor.stop()
+
+
+async def test_a_commit_moves_the_snapshot_and_cleans_the_diff(make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({"a.txt": "one\n"})
+    provider = make_provider(repo)
+    try:
+        first = await provider.current()
+        repo.write({"a.txt": "two\n"})
+        new_head = repo.commit_all("second")
+        await wait_for(lambda: provider.monitor.generation[0] > 0)
+        second = await provider.current()
+        assert second.snapshot.commit == new_head != first.snapshot.commit
+        assert "two" in second.snapshot.text
+        assert "clean" in second.diff.text
+        assert provider.snapshot_builds == 2
+    finally:
+        provider.monitor.stop()
+
+
+async def test_without_a_watcher_edits_still_show_within_the_poll_interval(make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({"a.txt": "one\n"})
+    provider = make_provider(repo, watch=False)
+    assert not provider.monitor.watching
+    await provider.current()
+    (repo.path / "a.txt").write_text("changed\n")
+    await asyncio.sleep(0.15)
+    assert "+changed" in (await provider.current()).diff.text
+
+
+async def test_git_ignored_bookkeeping_does_not_count_as_a_change(make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({"a.txt": "one\n"})
+    provider = make_provider(repo)
+    try:
+        monitor = provider.monitor
+        git_dir = str(provider.repo.git_dir)
+        assert not monitor.is_relevant(git_dir + "/objects/ab/cdef")
+        assert not monitor.is_relevant(git_dir + "/index.lock")
+        assert not monitor.is_relevant(git_dir + "/logs/HEAD")
+        assert monitor.is_relevant(git_dir + "/HEAD")
+        assert monitor.is_relevant(git_dir + "/refs/heads/main")
+        assert monitor.is_relevant(str(repo.path / "src" / "x.py"))
+        # reading the repository (what serving requests does) produces no change events
+        await provider.current()
+        before = monitor.generation[0]
+        for _ in range(3):
+            provider.repo.run("diff-index", "HEAD")
+            provider.repo.run("ls-files", "--others", "--exclude-standard")
+        await asyncio.sleep(0.2)
+        assert monitor.generation[0] == before
+    finally:
+        provider.monitor.stop()
+
+
+async def test_a_failed_read_is_retried_by_the_next_request(make_repo: Callable[..., Repo], tmp_path: Path) -> None:
+    repo = make_repo({"a.txt": "one\n"})
+    provider = make_provider(repo, watch=False)
+    hidden = tmp_path / "hidden-git"
+    (repo.path / ".git").rename(hidden)
+    with pytest.raises(GitError):
+        await provider.current()
+    hidden.rename(repo.path / ".git")
+    await asyncio.sleep(0.15)
+    context = await provider.current()
+    assert context.snapshot.file_count == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (41_700_000, "41.7 MB"), (3 * 10**9, "3.0 GB")]
+)
+def test_human_bytes(size: int, text: str) -> None:
+    assert human_bytes(size) == text

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scout_diff_cache.prompt import BadRequest, assemble_body, parse_chat_request
+from scout_diff_cache.snapshot import system_message_json
+
+SNAPSHOT = system_message_json('<file path="a.py">\nprint("é")\n</file>\n')
+DIFF = system_message_json("The working tree is clean.\n")
+
+
+def splice(body: dict[str, object] | bytes, upstream_model: str | None = None) -> dict[str, object]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    result = assemble_body(parse_chat_request(raw), [SNAPSHOT, DIFF], upstream_model)
+    parsed = json.loads(result)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_context_messages_come_first_then_the_clients_in_order() -> None:
+    client = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+    ]
+    result = splice({"model": "m", "messages": client})
+    messages = result["messages"]
+    assert isinstance(messages, list)
+    assert messages[0] == json.loads(SNAPSHOT)
+    assert messages[1] == json.loads(DIFF)
+    assert messages[2:] == client
+
+
+def test_every_other_field_is_kept() -> None:
+    fields = {
+        "model": "m",
+        "temperature": 0.2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "max_tokens": 5,
+        "x_vendor": None,
+    }
+    result = splice({**fields, "messages": [{"role": "user", "content": "hi"}]})
+    assert {k: v for k, v in result.items() if k != "messages"} == fields
+
+
+def test_empty_messages_has_no_dangling_comma() -> None:
+    raw = assemble_body(parse_chat_request(b'{"messages": []}'), [SNAPSHOT, DIFF])
+    assert raw == b'{"messages":[' + SNAPSHOT + b"," + DIFF + b"]}"
+
+
+def test_body_with_only_messages() -> None:
+    raw = assemble_body(parse_chat_request(b'{"messages":[{"role":"user","content":"x"}]}'), [SNAPSHOT, DIFF])
+    assert raw.startswith(b'{"messages":[' + SNAPSHOT + b"," + DIFF + b",")
+    assert json.loads(raw)["messages"][2] == {"role": "user", "content": "x"}
+
+
+def test_snapshot_bytes_are_spliced_verbatim() -> None:
+    raw = assemble_body(
+        parse_chat_request(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), [SNAPSHOT, DIFF]
+    )
+    assert SNAPSHOT in raw
+    assert raw.index(SNAPSHOT) < raw.index(DIFF)
+
+
+def test_upstream_model_replaces_the_clients_model() -> None:
+    assert splice({"model": "llama-4-scout", "messages": []}, "meta-llama/Llama-4-Scout")["model"] == (
+        "meta-llama/Llama-4-Scout"
+    )
+    assert splice({"messages": []}, "served")["model"] == "served"
+    assert splice({"model": "as-sent", "messages": []})["model"] == "as-sent"
+
+
+def test_unicode_and_lone_surrogates_survive() -> None:
+    raw = b'{"messages":[{"role":"user","content":"\\u00e9 \\ud83d\\ude00 \\ud800 \xe6\x97\xa5"}]}'
+    result = splice(raw)
+    messages = result["messages"]
+    assert isinstance(messages, list)
+    assert messages[2]["content"] == "é 😀 \ud800 日"
+
+
+def test_duplicate_keys_resolve_once_and_the_upstream_sees_a_single_key() -> None:
+    raw = b'{"messages":[{"role":"user","content":"first"}],"messages":[{"role":"user","content":"second"}]}'
+    result_bytes = assemble_body(parse_chat_request(raw), [SNAPSHOT, DIFF])
+    assert result_bytes.count(b'"messages"') == 1
+    assert json.loads(result_bytes)["messages"][2]["content"] == "second"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment", "param"),
+    [
+        (b"", "empty", None),
+        (b"   \n", "empty", None),
+        (b"{", "not valid JSON", None),
+        (b'{"messages": [}', "not valid JSON", None),
+        (b"\xff\xfe{}", "not valid UTF-8", None),
+        (b'{"messages": NaN}', "NaN is not allowed", None),
+        (b"[]", "must be a JSON object, not an array", None),
+        (b'"text"', "must be a JSON object, not a string", None),
+        (b"{}", "'messages' is required", "messages"),
+        (b'{"messages": {"role": "user"}}', "'messages' must be an array, not an object", "messages"),
+        (b'{"messages": null}', "'messages' must be an array, not null", "messages"),
+        (b'{"messages": ["hi"]}', "messages[0] must be an object, not a string", "messages[0]"),
+        (b'{"messages": [{"content": "x"}]}', "messages[0].role must be a non-empty string", "messages[0].role"),
+        (b'{"messages": [{"role": 1, "content": "x"}]}', "messages[0].role", "messages[0].role"),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": 5}]}',
+            "messages[1].content must be a string, an array of content parts or null, not a number",
+            "messages[1].content",
+        ),
+        (b'{"model": 3, "messages": []}', "'model' must be a string", "model"),
+        (b'{"stream": "yes", "messages": []}', "'stream' must be a boolean", "stream"),
+    ],
+)
+def test_invalid_requests_are_rejected_with_a_clear_message(body: bytes, fragment: str, param: str | None) -> None:
+    with pytest.raises(BadRequest) as raised:
+        parse_chat_request(body)
+    assert fragment in str(raised.value)
+    assert raised.value.param == param
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "tool", "content": "42", "tool_call_id": "1"},
+        {"role": "function", "name": "f", "content": "{}"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+        {"role": "assistant"},
+    ],
+)
+def test_accepted_message_shapes(message: dict[str, object]) -> None:
+    result = splice({"messages": [message]})
+    messages = result["messages"]
+    assert isinstance(messages, list)
+    assert messages[2] == message
