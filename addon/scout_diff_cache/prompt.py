@@ -103,5 +103,9 @@ def assemble_body(request: ChatRequest, context_messages: list[bytes], upstream_
     head = _compact(fields)[:-1]  # drop the closing brace
     separator = b"," if len(head) > 1 else b""
     client_messages = _compact(request.messages)[1:-1]
-    messages = b",".join([*context_messages, *([client_messages] if client_messages else [])])
-    return b"".join((head, separator, b'"messages":[', messages, b"]}"))
+    messages = [*context_messages, *([client_messages] if client_messages else [])]
+    parts = [head, separator, b'"messages":[']
+    for index, message in enumerate(messages):
+        parts.extend((b",", message) if index else (message,))
+    parts.append(b"]}")
+    return b"".join(parts)  # one copy of the snapshot's bytes, not two
