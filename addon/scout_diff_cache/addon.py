@@ -32,6 +32,7 @@ from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
 from .prompt import BadRequest, assemble_body, parse_chat_request
 from .snapshot import SnapshotLimits
+from .upstream_timeout import UpstreamDeadlines
 from .watcher import ChangeMonitor
 from .workdiff import DiffLimits
 
@@ -60,6 +61,7 @@ class ScoutDiffCache:
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.provider: ContextProvider | None = None
+        self.deadlines = UpstreamDeadlines()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class ScoutDiffCache:
 
     def done(self) -> None:
         self._stop_monitor()
+        self.deadlines.stop_all()
 
     def _stop_monitor(self) -> None:
         if self.provider is not None:
@@ -135,6 +138,8 @@ class ScoutDiffCache:
             return
         try:
             await self._route(flow, self.settings, self.provider)
+            if flow.response is None:
+                self.deadlines.start(flow, self.settings.upstream_timeout_ms)
         except ApiError as e:
             flow.response = error_response(e)
         except Exception as e:
@@ -144,12 +149,17 @@ class ScoutDiffCache:
             )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.stop(flow)
         assert flow.response is not None
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
             flow.response.stream = True
         self._mask_upstream_key(flow)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.response_sent(flow)
+
     def error(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.stop(flow)
         self._mask_upstream_key(flow)
 
     # --- routing ---------------------------------------------------------------------------------
