@@ -60,14 +60,21 @@ class TreeEntry:
 
 @dataclass(frozen=True)
 class RawChange:
-    """One entry of ``git diff-index`` raw output (a path that differs from the commit)."""
+    """One entry of ``git diff-index`` raw output (a path that may differ from the commit).
+
+    ``new_oid`` is all zeros when git did not hash the working-tree file: the index entry's stat
+    data no longer matches (an edit, or only a touch), so the content may still be unchanged.
+    """
 
     status: str
+    old_mode: str
     new_mode: str
+    old_oid: str
+    new_oid: str
     path: bytes
 
 
-def _git_env() -> dict[str, str]:
+def _git_env(toplevel: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
     env.update(
         GIT_OPTIONAL_LOCKS="0",
@@ -75,6 +82,8 @@ def _git_env() -> dict[str, str]:
         LANG="C",
         GIT_TERMINAL_PROMPT="0",
         GIT_PAGER="cat",
+        # Never discover a repository above the work tree (if its .git goes away, fail instead).
+        GIT_CEILING_DIRECTORIES=str(toplevel.parent),
     )
     return env
 
@@ -103,27 +112,32 @@ class GitRepo:
     def empty_tree(self) -> str:
         return EMPTY_TREE_SHA256 if self.object_format == "sha256" else EMPTY_TREE_SHA1
 
-    def run(self, *args: str, ok_codes: Sequence[int] = (0,)) -> bytes:
+    def run(self, *args: str, ok_codes: Sequence[int] = (0,), stdin: bytes | None = None) -> bytes:
         """Run a git command in the work tree and return stdout; failures raise GitError."""
-        return self._run(list(args), ok_codes)[1]
+        return self._run(list(args), ok_codes, stdin)[1]
 
-    def _run(self, args: list[str], ok_codes: Sequence[int]) -> tuple[int, bytes]:
+    def _start_error(self, error: OSError) -> GitError:
+        if isinstance(error, NotADirectoryError):
+            return GitError(f"the repository path {self.toplevel} is no longer a directory")
+        if not self.toplevel.is_dir():
+            return GitError(f"the repository directory {self.toplevel} no longer exists")
+        if isinstance(error, FileNotFoundError):
+            return GitError("the git executable was not found on PATH")
+        return GitError(f"git could not be started in {self.toplevel}: {error}")
+
+    def _run(self, args: list[str], ok_codes: Sequence[int], stdin: bytes | None = None) -> tuple[int, bytes]:
         command = ["git", *_PINNED_CONFIG, *args]
         try:
             proc = subprocess.run(
                 command,
                 check=False,
                 cwd=self.toplevel,
-                env=_git_env(),
-                stdin=subprocess.DEVNULL,
+                env=_git_env(self.toplevel),
+                input=stdin if stdin is not None else b"",
                 capture_output=True,
             )
-        except FileNotFoundError:
-            if not self.toplevel.is_dir():
-                raise GitError(f"the repository directory {self.toplevel} no longer exists") from None
-            raise GitError("the git executable was not found on PATH") from None
-        except NotADirectoryError:
-            raise GitError(f"the repository path {self.toplevel} is no longer a directory") from None
+        except OSError as e:
+            raise self._start_error(e) from None
         if proc.returncode not in ok_codes:
             detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
             raise GitError(f"git {args[0]} failed in {self.toplevel}: {' '.join(detail[-3:]) or proc.returncode}")
@@ -158,14 +172,17 @@ class GitRepo:
         """Contents of the given blobs, in order, through one ``git cat-file --batch`` process."""
         if not oids:
             return
-        proc = subprocess.Popen(
-            ["git", "cat-file", "--batch"],
-            cwd=self.toplevel,
-            env=_git_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        try:
+            proc = subprocess.Popen(
+                ["git", "cat-file", "--batch"],
+                cwd=self.toplevel,
+                env=_git_env(self.toplevel),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as e:
+            raise self._start_error(e) from None
         assert proc.stdin is not None and proc.stdout is not None
 
         def feed() -> None:
@@ -206,9 +223,21 @@ class GitRepo:
         for meta in fields:
             if not meta.startswith(b":"):
                 continue
-            _old_mode, new_mode, _old_oid, _new_oid, status = meta[1:].decode().split()
-            changes.append(RawChange(status[:1], new_mode, next(fields)))
+            old_mode, new_mode, old_oid, new_oid, status = meta[1:].decode().split()
+            changes.append(RawChange(status[:1], old_mode, new_mode, old_oid, new_oid, next(fields)))
         return changes
+
+    def blob_sizes(self, oids: Sequence[str]) -> dict[str, int]:
+        """Sizes of the given blobs (``git cat-file --batch-check``); missing objects are left out."""
+        if not oids:
+            return {}
+        out = self.run("cat-file", "--batch-check", stdin=b"".join(oid.encode() + b"\n" for oid in oids))
+        sizes = {}
+        for line in out.decode().splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[1] == "blob":
+                sizes[fields[0]] = int(fields[2])
+        return sizes
 
     def patch(self, commit: str, paths: Sequence[bytes]) -> bytes:
         """``git diff-index -p`` of the working tree against the commit, limited to the given paths."""

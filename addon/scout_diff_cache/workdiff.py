@@ -3,8 +3,8 @@
 Tracked changes come from ``git diff-index -p <commit>`` (which, unlike ``git diff HEAD``,
 never rewrites the index); untracked, non-ignored files are rendered here as new-file patches,
 byte-identical to ``git diff --no-index --full-index /dev/null <file>``. Both go through the
-snapshot's exclusions and per-file limit; past ``max_diff_bytes`` files are left out in path order
-and named in a note.
+snapshot's exclusions and per-file limit (a file's size in the commit and in the working tree, not
+its patch's); past ``max_diff_bytes`` files are left out in path order and named in a note.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .exclusions import PathFilter
-from .gitrepo import GitRepo
+from .gitrepo import GitRepo, RawChange
 from .snapshot import system_message_json
 from .text import decode_text, display, is_binary
 
@@ -131,15 +131,17 @@ def new_file_patch(path: bytes, data: bytes, mode: str, object_format: str) -> s
 
 
 def patch_path(header_line: bytes) -> bytes:
-    """The path of a ``diff --git a/P b/P`` header (renames are off, so both names are equal)."""
+    """The path of a ``diff --git a/P b/P`` header.
+
+    Renames are off, so both names are the same path and, quoted or not, the same length: the
+    first name is the first half. (Looking for the closing quote instead is wrong for names that
+    hold an escaped quote followed by a space.)
+    """
     names = header_line.removeprefix(b"diff --git ")
-    if names.startswith(b'"'):
-        second = names[names.index(b'" ', 1) + 2 :] if names.find(b'" ', 1) > 0 else names
-        if second.startswith(b'"'):
-            return git_unquote(second[1:-1]).removeprefix(b"b/")
-        return second.removeprefix(b"b/")
-    length = (len(names) - len(b"a/ b/")) // 2
-    return names[2 : 2 + length]
+    first = names[: (len(names) - 1) // 2]
+    if first.startswith(b'"') and first.endswith(b'"') and len(first) > 1:
+        first = git_unquote(first[1:-1])
+    return first.removeprefix(b"a/")
 
 
 def split_patch(patch: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -180,10 +182,18 @@ def collect_changes(repo: GitRepo, commit: str, limits: DiffLimits, parts: DiffP
     files past the total limit are never read.
     """
     tracked: list[bytes] = []
-    for change in repo.changed_paths(commit):
-        if limits.path_filter.excludes(change.path):
+    changes = repo.changed_paths(commit)
+    old_sizes = repo.blob_sizes(sorted({c.old_oid for c in changes if c.old_mode in _BLOB_MODES}))
+    for change in changes:
+        old_size = old_sizes.get(change.old_oid, 0) if change.old_mode in _BLOB_MODES else 0
+        new_size = _size_on_disk(repo, change.path) if change.status != "D" else 0
+        excluded = limits.path_filter.excludes(change.path)
+        too_large = max(old_size, new_size) > limits.max_file_bytes
+        if (excluded or too_large) and _unchanged(repo, change, old_size, new_size):
+            continue  # only its stat data changed (a touch): no patch, and nothing to report
+        if excluded:
             parts.excluded.append(change.path)
-        elif change.status != "D" and _size_on_disk(repo, change.path) > limits.max_file_bytes:
+        elif too_large:
             parts.too_large.append(change.path)
         else:
             tracked.append(change.path)
@@ -196,6 +206,28 @@ def collect_changes(repo: GitRepo, commit: str, limits: DiffLimits, parts: DiffP
         else:
             candidates.append(Candidate(path))
     return sorted(candidates, key=lambda c: c.path)
+
+
+_BLOB_MODES = ("100644", "100755", "120000")
+
+
+def _unchanged(repo: GitRepo, change: RawChange, old_size: int, new_size: int) -> bool:
+    """True when a path git reports as modified only has new stat data, its content and mode as committed.
+
+    ``git diff-index -p`` leaves such a path out of the patch by itself; this check is for paths
+    that are reported without a patch (excluded, or over the per-file limit). Content that only a
+    clean filter (autocrlf, LFS) would make equal counts as changed.
+    """
+    if change.status != "M" or change.old_mode != change.new_mode or change.old_mode not in _BLOB_MODES:
+        return False
+    if change.new_oid.strip("0") or old_size != new_size:
+        return False
+    full = os.path.join(os.fsencode(repo.toplevel), change.path)
+    try:
+        data = os.readlink(full) if change.new_mode == "120000" else _read_file(full)
+    except OSError:
+        return False
+    return data is not None and blob_id(data, repo.object_format) == change.old_oid
 
 
 def _size_on_disk(repo: GitRepo, path: bytes) -> int:
@@ -215,11 +247,17 @@ def _untracked_patch(repo: GitRepo, path: bytes, limits: DiffLimits) -> bytes | 
         data = os.readlink(full) if stat.S_ISLNK(st.st_mode) else _read_file(full)
     except OSError:
         return None
+    if data is None:
+        return None
     return new_file_patch(path, data, _file_mode(st), repo.object_format).encode("utf-8")
 
 
-def _read_file(path: bytes) -> bytes:
-    with open(path, "rb") as f:
+def _read_file(path: bytes) -> bytes | None:
+    """A regular file's content; None for anything else (a FIFO would block, a symlink is not followed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         return f.read()
 
 
@@ -232,14 +270,16 @@ def select_patches(repo: GitRepo, candidates: list[Candidate], limits: DiffLimit
             patch = _untracked_patch(repo, candidate.path, limits)
         if patch is None:
             continue
-        if not patch or len(patch) > limits.max_file_bytes:
+        if not patch:
             parts.too_large.append(candidate.path)
             continue
-        if parts.patch_bytes + len(patch) > limits.max_diff_bytes:
+        text = decode_text(patch)
+        size = len(patch) if text.isascii() else len(text.encode("utf-8"))  # as sent, after U+FFFD
+        if parts.patch_bytes + size > limits.max_diff_bytes:
             parts.over_total.extend(c.path for c in candidates[index:])
             return
-        parts.patches.append(decode_text(patch))
-        parts.patch_bytes += len(patch)
+        parts.patches.append(text)
+        parts.patch_bytes += size
 
 
 def _listing(title: str, paths: list[bytes]) -> str:
