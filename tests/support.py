@@ -80,6 +80,16 @@ class Repo:
     def head(self) -> str:
         return self.git("rev-parse", "HEAD").strip()
 
+    def clone(self, path: Path) -> Repo:
+        """A clone of this repository at another path (same commits, same ids)."""
+        subprocess.run(
+            ["git", "clone", "-q", str(self.path), str(path)],
+            env={**os.environ, **GIT_COMMIT_ENV},
+            capture_output=True,
+            check=True,
+        )
+        return Repo(path)
+
     def git_dir_fingerprint(self) -> dict[str, str]:
         """Hash of every file under .git (content and mtime): proves nothing was written there."""
         result = {}
@@ -105,6 +115,51 @@ class Recorded:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def raw_messages(self) -> list[bytes]:
+        """The elements of the body's top-level ``messages`` array, each as the exact bytes sent."""
+        return raw_messages(self.body)
+
+
+def _skip_ws(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\n\r":
+        index += 1
+    return index
+
+
+def raw_messages(body: bytes) -> list[bytes]:
+    """Split a JSON object's top-level ``messages`` array into its elements' raw bytes (no re-encoding)."""
+    text = body.decode("utf-8")
+    json.loads(text)  # the whole body must be valid JSON first
+    decoder = json.JSONDecoder()
+    index = _skip_ws(text, 0)
+    if text[index] != "{":
+        raise AssertionError("body is not a JSON object")
+    index += 1
+    while True:
+        index = _skip_ws(text, index)
+        if text[index] == "}":
+            raise AssertionError("body has no 'messages'")
+        key, index = decoder.raw_decode(text, index)
+        index = _skip_ws(text, index)
+        index = _skip_ws(text, index + 1)  # the ':'
+        if key == "messages":
+            if text[index] != "[":
+                raise AssertionError("'messages' is not an array")
+            items: list[bytes] = []
+            index = _skip_ws(text, index + 1)
+            while text[index] != "]":
+                start = index
+                _, index = decoder.raw_decode(text, index)
+                items.append(text[start:index].encode("utf-8"))
+                index = _skip_ws(text, index)
+                if text[index] == ",":
+                    index = _skip_ws(text, index + 1)
+            return items
+        _, index = decoder.raw_decode(text, index)
+        index = _skip_ws(text, index)
+        if text[index] == ",":
+            index += 1
+
 
 @dataclass
 class UpstreamBehaviour:
@@ -126,15 +181,37 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         pass
 
     def _record(self) -> Recorded:
-        length = int(self.headers.get("content-length", 0))
-        body = self.rfile.read(length) if length else b""
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            body = self._read_chunked()
+        else:
+            length = int(self.headers.get("content-length", 0))
+            body = self.rfile.read(length) if length else b""
         record = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         self.server.recorded.append(record)
         return record
 
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return bytes(body)
+            body += self.rfile.read(size)
+            self.rfile.readline()
+
     def do_GET(self) -> None:
         self._record()
         self._send_json(200, {"upstream": True, "path": self.path})
+
+    def do_OPTIONS(self) -> None:
+        self._record()
+        self.send_response(204)
+        self.send_header("access-control-allow-origin", "*")
+        self.send_header("access-control-allow-methods", "POST, OPTIONS")
+        self.send_header("content-length", "0")
+        self.end_headers()
 
     def do_POST(self) -> None:
         record = self._record()
@@ -269,6 +346,13 @@ class Proxy:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        """Wait for mitmdump to exit on its own; its exit status."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"mitmdump still running after {timeout} s:\n{self.log()}") from None
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -134,7 +135,15 @@ class ScoutDiffCache:
     # --- hooks -----------------------------------------------------------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or self.settings is None or self.provider is None:
+        if flow.response is not None:
+            return
+        if self.settings is None or self.provider is None:
+            # Only between a failed configure and mitmdump's exit: never forward without context.
+            flow.response = error_response(
+                ApiError(
+                    503, "scout-diff-cache is not configured (see the proxy's log)", "server_error", "not_configured"
+                )
+            )
             return
         try:
             await self._route(flow, self.settings, self.provider)
@@ -175,17 +184,23 @@ class ScoutDiffCache:
                 flow.response = json_response(200, {"object": "list", "data": [_model_card(settings.model_id)]})
                 return
             if path.startswith(MODELS_PATH + "/") and method == "GET":
-                flow.response = _model_lookup(path.removeprefix(MODELS_PATH + "/"), settings.model_id)
+                # Clients percent-encode the id ("meta-llama/..." arrives as "meta-llama%2F...").
+                flow.response = _model_lookup(unquote(path.removeprefix(MODELS_PATH + "/")), settings.model_id)
                 return
             if path == CHAT_PATH:
-                if method != "POST":
-                    raise ApiError(
-                        405,
-                        f"{method} is not allowed on {CHAT_PATH}; use POST",
-                        "invalid_request_error",
-                        "method_not_allowed",
+                if method == "POST":
+                    await self._inject(flow, settings, provider)
+                elif method != "OPTIONS":  # a CORS preflight goes to the upstream, which answers it
+                    flow.response = error_response(
+                        ApiError(
+                            405,
+                            f"{method} is not allowed on {CHAT_PATH}; use POST",
+                            "invalid_request_error",
+                            "method_not_allowed",
+                        )
                     )
-                await self._inject(flow, settings, provider)
+                    flow.response.headers["allow"] = "POST, OPTIONS"
+                    return
         if settings.target_api_key is not None:
             flow.request.headers["authorization"] = f"Bearer {settings.target_api_key}"
 

@@ -1,0 +1,111 @@
+"""The addon class in-process (mitmproxy's taddons): options, configure errors, catch-all."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from scout_diff_cache.addon import ScoutDiffCache
+from support import SETTING_ENV_NAMES, Repo
+
+CHAT = b"/v1/chat/completions"
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in SETTING_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    monkeypatch.setenv("SCOUT_CONFIG", str(config))
+
+
+@pytest.fixture
+def addon() -> Iterator[ScoutDiffCache]:
+    instance = ScoutDiffCache()
+    yield instance
+    instance.done()
+
+
+def chat_flow() -> tflow.HTTPFlow:
+    return tflow.tflow(req=tutils.treq(method=b"POST", path=CHAT, content=BODY), resp=False)
+
+
+async def test_unconfigured_addon_answers_503_instead_of_forwarding(addon: ScoutDiffCache) -> None:
+    flow = chat_flow()
+    await addon.request(flow)
+    assert flow.response is not None
+    assert flow.response.status_code == 503
+    assert json.loads(flow.response.content or b"")["error"]["code"] == "not_configured"
+
+
+def test_every_setting_is_a_typed_option(addon: ScoutDiffCache, make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({"a": "a\n"})
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            scout_git_repo_path=str(repo.path),
+            scout_max_file_bytes=10,
+            scout_inject_context="false",
+            scout_exclude_path_patterns=["docs/", "!docs/keep.md"],
+        )
+        assert addon.settings is not None
+        assert addon.settings.max_file_bytes == 10
+        assert addon.settings.inject_context is False
+        assert addon.settings.exclude_path_patterns == ("docs/", "!docs/keep.md")
+        with pytest.raises(exceptions.OptionsError, match="scout_max_diff_bytes"):
+            tctx.options.set("scout_max_diff_bytes=many")  # as --set parses it
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"scout_inject_context": "perhaps"}, "invalid setting inject_context (option scout_inject_context)"),
+        ({"scout_max_file_bytes": 0}, "invalid setting max_file_bytes"),
+        ({"scout_git_repo_path": "/"}, "invalid setting git_repo_path: / is not inside a git repository"),
+    ],
+)
+def test_bad_settings_are_options_errors(addon: ScoutDiffCache, options: dict[str, object], fragment: str) -> None:
+    with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError) as raised:
+        tctx.configure(addon, **options)
+    assert fragment in str(raised.value)
+
+
+def test_running_switches_reverse_mode_to_lazy_connections(
+    addon: ScoutDiffCache, make_repo: Callable[..., Repo]
+) -> None:
+    repo = make_repo({"a": "a\n"})
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, scout_git_repo_path=str(repo.path))
+        assert tctx.options.connection_strategy == "eager"
+        addon.running()
+        assert tctx.options.connection_strategy == "lazy"
+
+
+async def test_an_unexpected_failure_is_a_500_and_the_request_is_not_forwarded(
+    addon: ScoutDiffCache, make_repo: Callable[..., Repo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo({"a": "a\n"})
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, scout_git_repo_path=str(repo.path))
+        assert addon.provider is not None
+
+        async def broken() -> None:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(addon.provider, "current", broken)
+        flow = chat_flow()
+        await addon.request(flow)
+        assert flow.response is not None
+        assert flow.response.status_code == 500
+        error = json.loads(flow.response.content or b"")["error"]
+        assert error["code"] == "internal_error"
+        assert "boom" in error["message"]
+        assert flow.request.content == BODY
