@@ -102,6 +102,20 @@ class Repo:
         return result
 
 
+def listed_items(block: str, title_start: str) -> list[str]:
+    """The indented lines under the listing whose title starts with title_start (in a footer or note)."""
+    lines = block.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(title_start):
+            items = []
+            for item in lines[i + 1 :]:
+                if not item.startswith("  "):
+                    break
+                items.append(item[2:])
+            return items
+    return []
+
+
 # --- a recording upstream -------------------------------------------------------------------------
 
 

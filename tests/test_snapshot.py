@@ -15,7 +15,7 @@ import pytest
 from scout_diff_cache.exclusions import PathFilter
 from scout_diff_cache.gitrepo import GitError, GitRepo
 from scout_diff_cache.snapshot import PREAMBLE, Snapshot, SnapshotLimits, build_snapshot, file_block, symlink_block
-from support import ROOT, Repo
+from support import ROOT, Repo, listed_items
 
 MakeRepo = Callable[..., Repo]
 
@@ -47,17 +47,8 @@ def footer(text: str) -> str:
 
 
 def section(text: str, title_start: str) -> list[str]:
-    """The indented lines of the footer listing whose title starts with title_start."""
-    lines = footer(text).splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith(title_start):
-            items = []
-            for item in lines[i + 1 :]:
-                if not item.startswith("  "):
-                    break
-                items.append(item[2:])
-            return items
-    return []
+    """The items of the footer listing whose title starts with title_start."""
+    return listed_items(footer(text), title_start)
 
 
 # --- where the content comes from -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from scout_diff_cache.workdiff import (
     patch_path,
     split_patch,
 )
-from support import GIT_COMMIT_ENV, Repo
+from support import GIT_COMMIT_ENV, Repo, listed_items
 
 MakeRepo = Callable[..., Repo]
 
@@ -62,16 +62,7 @@ def info(diff: WorkingDiff) -> str:
 
 
 def listing(diff: WorkingDiff, title_start: str) -> list[str]:
-    lines = info(diff).splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith(title_start):
-            items = []
-            for item in lines[i + 1 :]:
-                if not item.startswith("  "):
-                    break
-                items.append(item[2:])
-            return items
-    return []
+    return listed_items(info(diff), title_start)
 
 
 def git_bytes(repo: Repo | Path, *args: str, ok: Sequence[int] = (0,)) -> bytes:
