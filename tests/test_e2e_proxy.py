@@ -403,6 +403,17 @@ def test_openai_client_gets_a_bad_request_error(shared: Shared) -> None:
     assert shared.upstream.recorded == []
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_non_json_content_type_is_415_and_not_forwarded(shared: Shared, content_type: str) -> None:
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    result = shared.proxy.request("POST", CHAT, body, {"content-type": content_type})
+
+    error = assert_envelope(result.body, 415, result.status)
+    assert error["code"] == "unsupported_media_type"
+    assert content_type in error["message"]
+    assert shared.upstream.recorded == []
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 def test_other_methods_on_chat_completions_get_405(shared: Shared, method: str) -> None:
     result = shared.proxy.request(method, CHAT)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from scout_diff_cache.prompt import BadRequest, assemble_body, parse_chat_request
+from scout_diff_cache.prompt import BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from scout_diff_cache.snapshot import system_message_json
 
 SNAPSHOT = system_message_json('<file path="a.py">\nprint("é")\n</file>\n')
@@ -138,3 +138,20 @@ def test_accepted_message_shapes(message: dict[str, object]) -> None:
     messages = result["messages"]
     assert isinstance(messages, list)
     assert messages[2] == message
+
+
+@pytest.mark.parametrize(
+    ("content_type", "ok"),
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("application/vnd.api+json", True),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        ("", False),
+        ("json", False),
+    ],
+)
+def test_json_media_types(content_type: str, ok: bool) -> None:
+    assert is_json_media_type(content_type) is ok

@@ -31,7 +31,7 @@ from .context import ContextProvider, RepoContext, human_bytes
 from .errors import ApiError, error_response, json_response
 from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
-from .prompt import BadRequest, assemble_body, parse_chat_request
+from .prompt import BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .snapshot import SnapshotLimits
 from .upstream_timeout import UpstreamDeadlines
 from .watcher import ChangeMonitor
@@ -209,6 +209,14 @@ class ScoutDiffCache:
             logger.info("replayed chat request: its body already carries the context, sent as is")
             return
         started = time.perf_counter()
+        content_type = flow.request.headers.get("content-type")
+        if content_type is not None and not is_json_media_type(content_type):
+            raise ApiError(
+                415,
+                f"Content-Type must be application/json, not {content_type!r}",
+                "invalid_request_error",
+                "unsupported_media_type",
+            )
         try:
             chat = parse_chat_request(flow.request.get_content(strict=False) or b"")
         except BadRequest as e:

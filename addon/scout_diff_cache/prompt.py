@@ -27,6 +27,12 @@ class ChatRequest:
     messages: list[dict[str, Any]]
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """application/json or any application/*+json, parameters (charset) ignored."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
 def _reject_constant(name: str) -> Any:
     raise BadRequest(f"request body is not valid JSON: {name} is not allowed")
 
