@@ -751,7 +751,11 @@ def test_local_endpoints_work_while_the_upstream_is_down(make_repo, start_proxy)
     # A chat request is prepared, then fails upstream; the proxy keeps answering afterwards.
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.status_code == 502
+    assert caught.value.status_code == 503
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "upstream_unavailable"
+    assert "Connection refused" in error["message"]
     assert proxy.get("/health").status == 200
     assert proxy.process.poll() is None
     assert key not in proxy.log()
@@ -855,7 +859,13 @@ async def test_replayed_flow_is_not_injected_twice(make_repo, tmp_path: Path, mo
     addon = ScoutDiffCache()
 
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, scout_config=str(config), scout_git_repo_path=str(repo.path))
+        # tflow points at an unreachable "address:22": no reachability probe in-process
+        tctx.configure(
+            addon,
+            scout_config=str(config),
+            scout_git_repo_path=str(repo.path),
+            scout_upstream_connect_timeout_ms=0,
+        )
         try:
             flow = tflow.tflow(
                 req=tutils.treq(method=b"POST", path=CHAT.encode(), content=chat_body("once")), resp=False

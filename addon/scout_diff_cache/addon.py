@@ -15,8 +15,10 @@ from urllib.parse import unquote
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
+from .access import is_authorized, open_listen_hosts
 from .config import (
     CONFIG_OPTION,
     SETTING_NAMES,
@@ -28,12 +30,13 @@ from .config import (
     setting_help,
 )
 from .context import ContextProvider, RepoContext, human_bytes
-from .errors import ApiError, error_response, json_response
+from .errors import ApiError, error_response, json_response, proxy_error_response
 from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
+from .mitm_internals import install_error_envelopes, uninstall_error_envelopes
 from .prompt import BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .snapshot import SnapshotLimits
-from .upstream_timeout import UpstreamDeadlines
+from .upstream import UpstreamDeadlines, probe_upstream
 from .watcher import ChangeMonitor
 from .workdiff import DiffLimits
 
@@ -44,6 +47,11 @@ MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
 METADATA_KEY = "scout_diff_cache"
 MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
+MASKED_CLIENT_AUTHORIZATION = "Bearer [PROXY_API_KEY]"
+LOOPBACK = "127.0.0.1"
+# Past UPSTREAM_TIMEOUT_MS, so a silent prefill ends in our 504, not in mitmproxy's inactivity cut.
+TCP_TIMEOUT_MARGIN_SECONDS = 30
+TCP_TIMEOUT_UNLIMITED_SECONDS = 7 * 24 * 3600
 
 
 OPTIONAL_STR: Any = str | None
@@ -63,10 +71,12 @@ class ScoutDiffCache:
         self.settings: Settings | None = None
         self.provider: ContextProvider | None = None
         self.deadlines = UpstreamDeadlines()
+        self._writing_options = False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def load(self, loader: Loader) -> None:
+        install_error_envelopes(proxy_error_response)
         loader.add_option(
             CONFIG_OPTION,
             OPTIONAL_STR,
@@ -83,8 +93,12 @@ class ScoutDiffCache:
             )
 
     def configure(self, updated: set[str]) -> None:
+        if self._writing_options:
+            return  # the change comes from _apply_proxy_options itself
         ours = {CONFIG_OPTION, *(option_name(s) for s in SETTING_NAMES)}
         if self.settings is not None and not (updated & ours):
+            if updated & {"listen_host", "mode", "tcp_timeout"}:
+                self._apply_proxy_options(self.settings)
             return
         options = {s: getattr(ctx.options, option_name(s)) for s in SETTING_NAMES}
         try:
@@ -99,6 +113,7 @@ class ScoutDiffCache:
             repo = GitRepo(settings.git_repo_path)
         except GitError as e:
             raise _options_error(f"scout-diff-cache: invalid setting git_repo_path: {e}") from None
+        self._apply_proxy_options(settings)
         self._stop_monitor()
         monitor = ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir])
         monitor.start()
@@ -118,6 +133,46 @@ class ScoutDiffCache:
             ", ".join(f"{k}={v}" for k, v in sorted(sources.items()) if v != "default") or "defaults",
         )
 
+    def _apply_proxy_options(self, settings: Settings) -> None:
+        """Loopback by default, no open listener without a key, tcp_timeout past the upstream deadline."""
+        listen_host = ctx.options.listen_host or LOOPBACK  # mitmproxy's default "" is every interface
+        hosts = [ProxyMode.parse(spec).listen_host(listen_host) for spec in ctx.options.mode]
+        exposed = open_listen_hosts(hosts)
+        if exposed and settings.proxy_api_key is None and not settings.allow_remote_without_key:
+            # mitmdump binds before it exits on a startup error: make that bind a loopback one.
+            self._write_options(listen_host=LOOPBACK)
+            raise _options_error(
+                f"scout-diff-cache: refusing to listen on {', '.join(exposed)} without PROXY_API_KEY: anyone "
+                "who can reach it could read the whole repository through the model. Set PROXY_API_KEY, "
+                "listen on 127.0.0.1, or set ALLOW_REMOTE_WITHOUT_KEY=true to accept that."
+            )
+        wanted = (
+            settings.upstream_timeout_ms // 1000 + TCP_TIMEOUT_MARGIN_SECONDS
+            if settings.upstream_timeout_ms
+            else TCP_TIMEOUT_UNLIMITED_SECONDS
+        )
+        changes: dict[str, Any] = {}
+        if listen_host != ctx.options.listen_host:
+            changes["listen_host"] = listen_host
+        if ctx.options.tcp_timeout < wanted:
+            logger.info(
+                "tcp_timeout raised from %d to %d s: a silent upstream is bounded by UPSTREAM_TIMEOUT_MS "
+                "(504), not cut by mitmproxy's inactivity timeout",
+                ctx.options.tcp_timeout,
+                wanted,
+            )
+            changes["tcp_timeout"] = wanted
+        if changes:
+            self._write_options(**changes)
+
+    def _write_options(self, **changes: Any) -> None:
+        """Set mitmproxy options without re-entering our own configure."""
+        self._writing_options = True
+        try:
+            ctx.options.update(**changes)  # type: ignore[no-untyped-call]
+        finally:
+            self._writing_options = False
+
     def running(self) -> None:
         # Reverse mode connects upstream eagerly by default and drops the client when that fails,
         # which would take /health and /v1/models down with the upstream.
@@ -127,6 +182,7 @@ class ScoutDiffCache:
     def done(self) -> None:
         self._stop_monitor()
         self.deadlines.stop_all()
+        uninstall_error_envelopes()
 
     def _stop_monitor(self) -> None:
         if self.provider is not None:
@@ -146,11 +202,14 @@ class ScoutDiffCache:
             )
             return
         try:
+            self._authorize(flow, self.settings)
             await self._route(flow, self.settings, self.provider)
             if flow.response is None:
-                self.deadlines.start(flow, self.settings.upstream_timeout_ms)
+                await self._forward(flow, self.settings)
         except ApiError as e:
             flow.response = error_response(e)
+            if e.status == 401:
+                flow.response.headers["www-authenticate"] = 'Bearer realm="scout-diff-cache"'
         except Exception as e:
             logger.exception("scout-diff-cache: request to %s failed", flow.request.path)
             flow.response = error_response(
@@ -201,8 +260,36 @@ class ScoutDiffCache:
                     )
                     flow.response.headers["allow"] = "POST, OPTIONS"
                     return
+
+    def _authorize(self, flow: http.HTTPFlow, settings: Settings) -> None:
+        """With PROXY_API_KEY set, every request must carry it; it is masked in the flow at once."""
+        if settings.proxy_api_key is None:
+            return
+        authorized = is_authorized(flow.request.headers.get("authorization"), settings.proxy_api_key)
+        if "authorization" in flow.request.headers:
+            # Masked either way: a rejected header may hold the key with a typo or the wrong scheme.
+            flow.request.headers["authorization"] = MASKED_CLIENT_AUTHORIZATION if authorized else "[rejected]"
+        if not authorized:
+            raise ApiError(
+                401,
+                "missing or wrong proxy key: send 'Authorization: Bearer <PROXY_API_KEY>'",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    async def _forward(self, flow: http.HTTPFlow, settings: Settings) -> None:
+        """Last steps before mitmproxy sends the request: credentials, reachability, the deadline."""
         if settings.target_api_key is not None:
             flow.request.headers["authorization"] = f"Bearer {settings.target_api_key}"
+        elif settings.proxy_api_key is not None:
+            flow.request.headers.pop("authorization", None)  # the proxy's key is not the upstream's
+        if settings.upstream_connect_timeout_ms:
+            unreachable = await probe_upstream(
+                flow.request.host, flow.request.port, settings.upstream_connect_timeout_ms
+            )
+            if unreachable is not None:
+                raise unreachable
+        self.deadlines.start(flow, settings.upstream_timeout_ms)
 
     async def _inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
         if flow.is_replay == "request" and METADATA_KEY in flow.metadata:

@@ -68,6 +68,15 @@ class Settings(BaseModel):
         ge=0,
         description="No response headers from upstream within this many ms: 504 (0 disables).",
     )
+    upstream_connect_timeout_ms: int = Field(
+        3000, ge=0, description="Upstream refuses or does not accept a connection in this many ms: 503 (0: no check)."
+    )
+    proxy_api_key: str | None = Field(
+        None, description="If set, clients must send 'Authorization: Bearer <key>' (401 otherwise)."
+    )
+    allow_remote_without_key: bool = Field(
+        False, description="Allow listening on a non-loopback address without PROXY_API_KEY (not recommended)."
+    )
     model_id: str = Field(
         "llama-4-scout",
         min_length=1,
@@ -78,7 +87,7 @@ class Settings(BaseModel):
         description="If set, replaces the 'model' of every chat request sent upstream.",
     )
 
-    @field_validator("inject_context", "use_default_excludes", mode="before")
+    @field_validator("inject_context", "use_default_excludes", "allow_remote_without_key", mode="before")
     @classmethod
     def _parse_bool(cls, value: object) -> object:
         if isinstance(value, str):
@@ -99,12 +108,12 @@ class Settings(BaseModel):
             return tuple(str(p).strip() for p in value if str(p).strip())
         return value
 
-    @field_validator("target_api_key", "upstream_model", mode="before")
+    @field_validator("target_api_key", "proxy_api_key", "upstream_model", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("target_api_key")
+    @field_validator("target_api_key", "proxy_api_key")
     @classmethod
     def _header_safe_key(cls, value: str | None) -> str | None:
         if value is not None and not _HEADER_SAFE.fullmatch(value):

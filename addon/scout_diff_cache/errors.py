@@ -27,3 +27,16 @@ def json_response(status: int, payload: object, headers: dict[str, str] | None =
 def error_response(error: ApiError) -> http.Response:
     envelope = {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
     return json_response(error.status, envelope)
+
+
+def proxy_error_response(status: int, message: str) -> http.Response:
+    """An envelope for the errors mitmproxy answers itself (upstream refused, dropped, broken)."""
+    if status == 503:
+        error = ApiError(503, f"the upstream cannot be reached: {message}", "server_error", "upstream_unavailable")
+    elif status >= 500:
+        error = ApiError(status, f"the upstream failed: {message}", "server_error", "upstream_error")
+    elif status == 413:
+        error = ApiError(413, message, "invalid_request_error", "request_too_large")
+    else:
+        error = ApiError(status, message, "invalid_request_error", "invalid_request")
+    return error_response(error)

@@ -3,7 +3,7 @@
 mitmproxy has no first-byte timeout and no public way to answer a request that is already waiting
 for the upstream's response headers (``flow.kill()`` does nothing then, and the ``error`` hook
 cannot change what the client gets). This module does both through the proxyserver addon's
-connection handlers (pinned to mitmproxy 12.3; ``tests/test_upstream_timeout.py`` fails if an
+connection handlers (pinned to mitmproxy 12.3; ``tests/test_upstream_faults.py`` fails if an
 upgrade breaks it):
 
 - ``answer_waiting_flow`` hands the flow's HTTP stream a complete response, as if the upstream had
@@ -11,17 +11,23 @@ upgrade breaks it):
   stream then runs the usual ``responseheaders``/``response`` hooks and sends it to the client.
 - ``close_server_connection`` closes the flow's upstream connection, so the model server sees the
   client go away and stops generating.
+- ``install_error_envelopes`` makes the answers mitmproxy writes itself to HTTP/1 clients (a
+  connection the upstream refused or dropped, a broken upstream response, a malformed client
+  request) OpenAI error envelopes instead of HTML pages, with 503 for a failed upstream connect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy.net.http import http1
 from mitmproxy.proxy import events
-from mitmproxy.proxy.layers.http._events import ResponseData, ResponseEndOfMessage, ResponseHeaders
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseData, ResponseEndOfMessage, ResponseHeaders
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +124,29 @@ async def close_server_connection_when_done(flow: http.HTTPFlow, wait_seconds: f
         await asyncio.sleep(0.005)
     if close_server_connection(flow):
         logger.debug("closed the upstream connection of %s", flow.request.path)
+
+
+_MITMPROXY_MAKE_ERROR_RESPONSE = _http1.make_error_response
+_MITMPROXY_HTTP_STATUS_CODE = ErrorCode.http_status_code
+
+
+def install_error_envelopes(render: Callable[[int, str], http.Response]) -> None:
+    """Have mitmproxy's own HTTP/1 error answers rendered by ``render(status, message)``."""
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        response = render(status_code, message)
+        response.headers["connection"] = "close"  # mitmproxy closes the connection after these
+        return bytes(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+
+    def http_status_code(code: ErrorCode) -> int | None:
+        if code is ErrorCode.CONNECT_FAILED:
+            return 503
+        return _MITMPROXY_HTTP_STATUS_CODE(code)
+
+    _http1.make_error_response = make_error_response
+    ErrorCode.http_status_code = http_status_code  # type: ignore[method-assign,assignment]
+
+
+def uninstall_error_envelopes() -> None:
+    _http1.make_error_response = _MITMPROXY_MAKE_ERROR_RESPONSE
+    ErrorCode.http_status_code = _MITMPROXY_HTTP_STATUS_CODE  # type: ignore[method-assign]

@@ -7,8 +7,13 @@ JSON-encoded and are joined in as bytes, so a 40 MB snapshot is never re-encoded
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
+
+# Deeper bodies are refused: Python's json recursion would otherwise fail at some stack-dependent depth.
+MAX_NESTING = 256
+TOO_DEEP = f"request body nests arrays and objects more than {MAX_NESTING} levels deep"
 
 
 class BadRequest(Exception):
@@ -37,6 +42,40 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"request body is not valid JSON: {name} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a float would re-encode as Infinity, which is not JSON
+        raise BadRequest(f"request body has a number out of range: {_clip(text)}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # more digits than sys.get_int_max_str_digits()
+        raise BadRequest(f"request body has an integer with too many digits: {_clip(text)}") from None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
+
+
+def _nesting(value: object) -> int:
+    """How deep arrays and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            break
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object with a 'messages' array")
@@ -45,9 +84,13 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     except UnicodeDecodeError as e:
         raise BadRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int)
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:  # nested far deeper than MAX_NESTING
+        raise BadRequest(TOO_DEEP) from None
+    if _nesting(data) > MAX_NESTING:
+        raise BadRequest(TOO_DEEP)
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {_json_type(data)}")
     if "messages" not in data:

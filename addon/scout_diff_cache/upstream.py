@@ -1,6 +1,11 @@
-"""UPSTREAM_TIMEOUT_MS: no response headers from the upstream in time means a 504 envelope.
+"""Upstream faults: an unreachable upstream is a 503, a silent one a 504, both as OpenAI envelopes.
 
-A timer starts when a request is forwarded and stops at the upstream's response headers (or an
+Before a request is forwarded, ``probe_upstream`` opens (and resets) one TCP connection to the
+upstream, bounded by UPSTREAM_CONNECT_TIMEOUT_MS: mitmproxy itself has no connect timeout and
+answers a refused connection with an HTML page. A server that dies between the probe and the
+real connection is answered through ``mitm_internals.install_error_envelopes``.
+
+UPSTREAM_TIMEOUT_MS: a timer starts when a request is forwarded and stops at the upstream's response headers (or an
 error). When it fires, the waiting flow is answered with a 504 in the OpenAI envelope and, once
 that has reached the client, the upstream connection is closed so the model server stops working
 on a request nobody waits for. The mitmproxy internals this needs live in ``mitm_internals``.
@@ -9,7 +14,9 @@ on a request nobody waits for. The mitmproxy internals this needs live in ``mitm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 
 from mitmproxy import http
 
@@ -19,6 +26,27 @@ from .mitm_internals import answer_waiting_flow, close_server_connection, close_
 logger = logging.getLogger(__name__)
 
 TIMED_OUT_KEY = "scout_diff_cache.upstream_timeout_ms"
+
+
+async def probe_upstream(host: str, port: int, timeout_ms: int) -> ApiError | None:
+    """None if the upstream accepts a TCP connection in time, else the 503 to answer with."""
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_ms / 1000)
+    except TimeoutError:
+        return _unavailable(
+            f"the upstream {host}:{port} did not accept a connection within {timeout_ms} ms "
+            "(UPSTREAM_CONNECT_TIMEOUT_MS)"
+        )
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        return _unavailable(f"the upstream {host}:{port} cannot be reached: {reason}")
+    with contextlib.suppress(OSError):
+        writer.transport.abort()  # a reset, not a FIN: no TIME_WAIT socket per request
+    return None
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(503, message, "server_error", "upstream_unavailable")
 
 
 class UpstreamDeadlines:
