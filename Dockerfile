@@ -1,10 +1,10 @@
 # scout-diff-cache in a container. The repository to snapshot is mounted read-only at /repo:
 #   docker build -t scout-diff-cache .
-#   docker run --rm -p 127.0.0.1:8787:8787 -v "$PWD":/repo:ro \
+#   docker run --rm -p 127.0.0.1:8787:8787 -v "$PWD":/repo:ro -e PROXY_API_KEY=choose-a-key \
 #       -e UPSTREAM=http://host.docker.internal:8000 --add-host=host.docker.internal:host-gateway \
 #       scout-diff-cache
 # Inside the container the proxy listens on all interfaces so the port can be published; the
-# -p 127.0.0.1:... above keeps it reachable from this machine only.
+# addon refuses that without PROXY_API_KEY (or an explicit ALLOW_REMOTE_WITHOUT_KEY=true).
 FROM python:3.12-slim
 
 RUN apt-get update \
