@@ -712,6 +712,33 @@ def test_git_failure_is_a_500_envelope_and_recovers(make_repo, upstream: Upstrea
     assert len(upstream.chat_requests()) == 2
 
 
+def test_repository_moved_away_and_back_is_a_500_then_recovers(
+    make_repo, upstream: Upstream, start_proxy, tmp_path
+) -> None:
+    repo: Repo = make_repo({"a.txt": "a\n"})
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+    ask(proxy)
+
+    elsewhere = tmp_path / "moved-work-tree"
+    repo.path.rename(elsewhere)
+    try:
+        time.sleep(0.8)  # a move out of the watched tree reaches watchdog after 0.5 s
+        result = proxy.post(CHAT, chat_body())
+        error = assert_envelope(result.body, 500, result.status)
+        assert error["code"] == "git_error"
+        assert "no longer exists" in error["message"]
+        assert len(upstream.chat_requests()) == 1
+    finally:
+        elsewhere.rename(repo.path)
+
+    time.sleep(0.25)
+    repo.write({"a.txt": "after the move\n"})
+    time.sleep(0.25)
+    ask(proxy)
+    assert len(upstream.chat_requests()) == 2
+    assert "+after the move" in upstream.chat_requests()[-1].json()["messages"][1]["content"]
+
+
 def test_deleted_repository_is_a_500_envelope(make_repo, upstream: Upstream, start_proxy) -> None:
     repo: Repo = make_repo({"a.txt": "a\n"})
     proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})

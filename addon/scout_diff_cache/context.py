@@ -88,6 +88,10 @@ class ContextProvider:
         return snapshot
 
     async def _work_state(self) -> _WorkState:
+        if not (self.repo.toplevel.is_dir() and self.repo.git_dir.is_dir()):
+            # Moving the watched directory itself raises no event the watcher counts; two stats
+            # per request make a moved or deleted repository fail now, not at the next resync.
+            self.monitor.note_change()
         generation = self.monitor.generation
         if self._state is not None and self._state[0] == generation:
             return self._state[1]
