@@ -5,10 +5,11 @@ upstream, bounded by UPSTREAM_CONNECT_TIMEOUT_MS: mitmproxy itself has no connec
 answers a refused connection with an HTML page. A server that dies between the probe and the
 real connection is answered through ``mitm_internals.install_error_envelopes``.
 
-UPSTREAM_TIMEOUT_MS: a timer starts when a request is forwarded and stops at the upstream's response headers (or an
-error). When it fires, the waiting flow is answered with a 504 in the OpenAI envelope and, once
-that has reached the client, the upstream connection is closed so the model server stops working
-on a request nobody waits for. The mitmproxy internals this needs live in ``mitm_internals``.
+UPSTREAM_TIMEOUT_MS: a timer starts when a request is forwarded and stops at the upstream's
+response headers (or an error). When it fires, the waiting flow is answered with a 504 in the
+OpenAI envelope and, once that has reached the client, the upstream connection is closed so the
+model server stops working on a request nobody waits for. The mitmproxy internals this needs
+live in ``mitm_internals``.
 """
 
 from __future__ import annotations
