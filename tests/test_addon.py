@@ -11,7 +11,7 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from scout_diff_cache.addon import ScoutDiffCache
+from scout_diff_cache.addon import ScoutDiffCache, route_path
 from support import SETTING_ENV_NAMES, Repo
 
 CHAT = b"/v1/chat/completions"
@@ -109,3 +109,35 @@ async def test_an_unexpected_failure_is_a_500_and_the_request_is_not_forwarded(
         assert error["code"] == "internal_error"
         assert "boom" in error["message"]
         assert flow.request.content == BODY
+
+
+@pytest.mark.parametrize(
+    ("raw", "routed"),
+    [
+        ("/v1/chat/completions", "/v1/chat/completions"),
+        ("/v1/chat/completions/", "/v1/chat/completions"),
+        ("//v1//chat/completions?x=1", "/v1/chat/completions"),
+        ("/health/", "/health"),
+        ("/", "/"),
+        ("", "/"),
+    ],
+)
+def test_route_path(raw: str, routed: str) -> None:
+    assert route_path(raw) == routed
+
+
+async def test_chat_path_variants_are_injected_not_forwarded_bare(
+    addon: ScoutDiffCache, make_repo: Callable[..., Repo]
+) -> None:
+    repo = make_repo({"a": "a\n"})
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, scout_git_repo_path=str(repo.path), scout_upstream_connect_timeout_ms=0)
+        for path in (b"/v1/chat/completions/", b"//v1/chat//completions"):
+            flow = tflow.tflow(req=tutils.treq(method=b"POST", path=path, content=BODY), resp=False)
+            await addon.request(flow)
+            assert flow.response is None
+            assert [m["role"] for m in json.loads(flow.request.content or b"")["messages"]] == [
+                "system",
+                "system",
+                "user",
+            ]

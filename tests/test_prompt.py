@@ -83,6 +83,18 @@ def test_unicode_and_lone_surrogates_survive() -> None:
     assert messages[2]["content"] == "é 😀 \ud800 日"
 
 
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    body = b'{"messages": [], "x": ' + b"[" * 255 + b"]" * 255 + b"}"  # the object is one level, the arrays 255
+    assert _depth(splice(body)["x"]) == 255
+
+
+def _depth(value: object) -> int:
+    depth = 0
+    while isinstance(value, list):
+        depth, value = depth + 1, value[0] if value else None
+    return depth
+
+
 def test_duplicate_keys_resolve_once_and_the_upstream_sees_a_single_key() -> None:
     raw = b'{"messages":[{"role":"user","content":"first"}],"messages":[{"role":"user","content":"second"}]}'
     result_bytes = assemble_body(parse_chat_request(raw), [SNAPSHOT, DIFF])
@@ -114,6 +126,11 @@ def test_duplicate_keys_resolve_once_and_the_upstream_sees_a_single_key() -> Non
         ),
         (b'{"model": 3, "messages": []}', "'model' must be a string", "model"),
         (b'{"stream": "yes", "messages": []}', "'stream' must be a boolean", "stream"),
+        # Python would read 1e400 as inf and write it back as Infinity, which is not JSON
+        (b'{"messages": [], "temperature": 1e400}', "number out of range: 1e400", None),
+        (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", "has an integer of more than", None),
+        (b'{"messages": [], "x": ' + b"[" * 256 + b"]" * 256 + b"}", "more than 256 levels deep", None),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "more than 256 levels deep", None),
     ],
 )
 def test_invalid_requests_are_rejected_with_a_clear_message(body: bytes, fragment: str, param: str | None) -> None:

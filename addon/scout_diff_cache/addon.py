@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -233,7 +234,7 @@ class ScoutDiffCache:
     # --- routing ---------------------------------------------------------------------------------
 
     async def _route(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
-        path = flow.request.path.partition("?")[0]
+        path = route_path(flow.request.path)
         method = flow.request.method.upper()
         if path == HEALTH_PATH and method in ("GET", "HEAD"):
             flow.response = await self._health(settings, provider)
@@ -384,6 +385,16 @@ def _annotate(flow: http.HTTPFlow, context: RepoContext, body_bytes: int) -> Non
         f"snap {_short(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "
         f"diff {human_bytes(context.diff.size)}"
     )
+
+
+def route_path(path: str) -> str:
+    """The path as routes see it: no query, no repeated or trailing slashes.
+
+    '/v1/chat/completions/' must not slip past the rewrite: a FastAPI upstream (vLLM) answers it
+    with a redirect to its own address, which a client would follow around the proxy.
+    """
+    collapsed = re.sub(r"/{2,}", "/", path.partition("?")[0])
+    return collapsed.rstrip("/") or "/"
 
 
 def _options_error(message: str) -> exceptions.OptionsError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,31 +50,23 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:  # more digits than sys.get_int_max_str_digits()
-        raise BadRequest(f"request body has an integer with too many digits: {_clip(text)}") from None
-
-
 def _clip(text: str) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def _nesting(value: object) -> int:
-    """How deep arrays and objects nest in ``value`` (a scalar is 0), without recursion."""
-    deepest = 0
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_NESTING:
-            break
-        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
+    """How deep arrays and objects nest in ``value`` (a scalar is 0), a level at a time, without recursion."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level and depth <= MAX_NESTING:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if type(item) is dict else item)
+            if type(child) is dict or type(child) is list
+        ]
+    return depth
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -84,9 +77,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     except UnicodeDecodeError as e:
         raise BadRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except ValueError:  # the one other failure: an integer longer than int() accepts
+        raise BadRequest(f"request body has an integer of more than {sys.get_int_max_str_digits()} digits") from None
     except RecursionError:  # nested far deeper than MAX_NESTING
         raise BadRequest(TOO_DEEP) from None
     if _nesting(data) > MAX_NESTING:
