@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "addon" / "scout.py"
@@ -290,6 +293,9 @@ def _completion(text: str) -> dict[str, Any]:
 
 class _UpstreamServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: with dozens of concurrent requests (and the
+    # proxy's connect probe) the accept queue overflowed and requests failed with a 502.
+    request_queue_size = 128
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _UpstreamHandler)
@@ -464,3 +470,31 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+# --- load and soak helpers ------------------------------------------------------------------------
+
+
+def generated_files(count: int, file_bytes: int, seed: int = 1) -> dict[str, str | bytes]:
+    """``count`` text files of about ``file_bytes`` each (deterministic), spread over 20 packages."""
+    rng = random.Random(seed)
+    files: dict[str, str | bytes] = {}
+    for index in range(count):
+        lines = []
+        size = 0
+        while size < file_bytes:
+            line = f"value_{index}_{len(lines)} = '{rng.randbytes(24).hex()}'"
+            lines.append(line)
+            size += len(line) + 1
+        files[f"pkg{index % 20:02d}/module_{index:04d}.py"] = "\n".join(lines) + "\n"
+    return files
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory of a process and its children, in bytes (children that exit meanwhile count 0)."""
+    process = psutil.Process(pid)
+    total = int(process.memory_info().rss)
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += int(child.memory_info().rss)
+    return total

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +130,78 @@ async def test_a_failed_read_is_retried_by_the_next_request(make_repo: Callable[
     await asyncio.sleep(0.15)
     context = await provider.current()
     assert context.snapshot.file_count == 1
+
+
+async def test_a_lock_file_in_the_work_tree_is_content_not_git_bookkeeping(make_repo: Callable[..., Repo]) -> None:
+    repo = make_repo({"Cargo.lock": "one\n", "poetry.lock": "one\n"})
+    provider = make_provider(repo)
+    try:
+        monitor = provider.monitor
+        assert monitor.is_relevant(str(provider.repo.toplevel / "Cargo.lock"))
+        assert not monitor.is_relevant(str(provider.repo.git_dir / "refs" / "heads" / "main.lock"))
+        before = monitor.generation[0]
+        (repo.path / "poetry.lock").write_text("two\n")  # a plain write, no rename: only this path
+        await wait_for(lambda: monitor.generation[0] > before)
+    finally:
+        provider.monitor.stop()
+
+
+def inotify_masks() -> dict[int, list[int]]:
+    """The event masks of this process's inotify watches, by inotify file descriptor (Linux)."""
+    masks: dict[int, list[int]] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        masks[int(fd)] = [int(m, 16) for m in re.findall(r"^inotify wd:.* mask:([0-9a-f]+)", info, re.MULTILINE)]
+    return masks
+
+
+IN_ACCESS, IN_CLOSE_NOWRITE, IN_OPEN = 0x1, 0x10, 0x20
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").is_dir(), reason="inotify (Linux) only")
+async def test_reads_are_not_watched_and_watchdog_logs_nothing_per_event(make_repo: Callable[..., Repo]) -> None:
+    """A burst of reads (an IDE, a build, our own git) must cost nothing: no read events, no log records.
+
+    mitmproxy sets the root logger to DEBUG and hands every record to its event loop with one
+    wake-up byte; per-event debug records from watchdog filled that pipe, and a SIGTERM arriving
+    then was lost (see test_load.py for the end-to-end check).
+    """
+    repo = make_repo({f"src/f{i}.txt": f"{i}\n" for i in range(50)})
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name.startswith("watchdog"):
+                records.append(record)
+
+    root = logging.getLogger()
+    handler, level = Collect(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # as mitmproxy sets it
+    existing = set(inotify_masks())
+    provider = make_provider(repo)
+    try:
+        masks = [m for fd, fd_masks in inotify_masks().items() if fd not in existing for m in fd_masks]
+        assert len(masks) >= 3, masks  # the work tree, src/, .git and its subdirectories
+        assert all(m & (IN_ACCESS | IN_CLOSE_NOWRITE | IN_OPEN) == 0 for m in masks), [hex(m) for m in masks]
+        for _ in range(3):
+            for path in repo.path.rglob("*"):
+                if path.is_file():
+                    path.read_bytes()
+        await provider.current()  # git reads objects and the index
+        (repo.path / "src" / "f1.txt").write_text("changed\n")
+        await wait_for(lambda: provider.monitor.generation[0] > 0)
+        await asyncio.sleep(0.1)
+        assert not [r for r in records if r.levelno < logging.INFO], [r.getMessage() for r in records[:5]]
+    finally:
+        provider.monitor.stop()
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.mark.parametrize(

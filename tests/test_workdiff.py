@@ -243,6 +243,40 @@ def test_diff_is_against_the_given_commit_not_the_index(make_repo: MakeRepo) -> 
     assert f"against commit {first}:" in against_first.text
 
 
+@pytest.mark.parametrize(
+    "racing_command", [("add", "-A"), ("rm", "-q", "--cached", "a.txt")], ids=["git add", "git rm --cached"]
+)
+def test_an_index_update_between_the_tracked_and_untracked_reads_is_not_torn(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, racing_command: tuple[str, ...]
+) -> None:
+    """A user's `git add` (or `git rm --cached`) lands after diff-index and before ls-files.
+
+    The file moved from untracked to tracked (or back) between the two reads, so it was in neither
+    list (or in both). The diff must be the one of the index before or the one of the index after.
+    """
+    repo = make_repo({"a.txt": "1\n"})
+    repo.write({"a.txt": "2\n", "new.txt": "new\n"})
+    git_repo = GitRepo(str(repo.path))
+    commit = repo.head()
+    before = build_working_diff(git_repo, commit, limits()).text
+    original = GitRepo.untracked_paths
+    raced: list[bool] = []
+
+    def untracked_after_a_racing_git_command(self: GitRepo) -> list[bytes]:
+        if not raced:
+            raced.append(True)
+            repo.git(*racing_command)
+        return original(self)
+
+    monkeypatch.setattr(GitRepo, "untracked_paths", untracked_after_a_racing_git_command)
+    during = build_working_diff(git_repo, commit, limits()).text
+    monkeypatch.undo()
+    after = build_working_diff(git_repo, commit, limits()).text
+
+    assert raced
+    assert during in (before, after), during
+
+
 # --- untracked files as new-file patches ----------------------------------------------------------
 
 

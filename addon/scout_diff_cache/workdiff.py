@@ -344,9 +344,34 @@ def operation_in_progress(repo: GitRepo) -> str | None:
     return None
 
 
+# Reads of the changed paths are retried this many times while the index keeps changing under them.
+INDEX_READ_ATTEMPTS = 5
+
+
+def index_identity(repo: GitRepo) -> tuple[int, int, int] | None:
+    """Inode, size and mtime of the index: git replaces it by rename, so any update changes this."""
+    try:
+        st = os.stat(repo.git_dir / "index")
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def build_working_diff(repo: GitRepo, commit: str | None, limits: DiffLimits) -> WorkingDiff:
-    """Compute the working diff against ``commit`` (blocking; run it in a thread)."""
-    parts = DiffParts()
+    """Compute the working diff against ``commit`` (blocking; run it in a thread).
+
+    The tracked changes (``diff-index``) and the untracked files (``ls-files``) are two reads of
+    the index. A ``git add`` between them moved a new file from untracked to tracked after the
+    first read and before the second, and it was in neither; a ``git rm --cached`` put one in both.
+    So the reads are repeated while the index changed under them (the file watcher also sees that
+    change, so the next request re-reads in any case).
+    """
     base = commit if commit is not None else repo.empty_tree
-    select_patches(repo, collect_changes(repo, base, limits, parts), limits, parts)
+    for _ in range(INDEX_READ_ATTEMPTS):
+        before = index_identity(repo)
+        parts = DiffParts()
+        candidates = collect_changes(repo, base, limits, parts)
+        if index_identity(repo) == before:
+            break
+    select_patches(repo, candidates, limits, parts)
     return render_working_diff(commit, parts, limits, operation_in_progress(repo))
