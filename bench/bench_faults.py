@@ -11,7 +11,6 @@ Usage: python bench/bench_faults.py [--runs N]
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support import Repo, free_port, run_proxy
-from test_upstream_faults import CHAT, CHAT_BODY, STREAM_BODY, faulty_upstream
+from test_upstream_faults import CHAT, CHAT_BODY, faulty_upstream, stream_then_leave
 
 
 def timeout_errors(work: Path, repo: Repo, deadlines_ms: list[int]) -> list[tuple[int, float]]:
@@ -49,17 +48,7 @@ def disconnect_latencies(work: Path, repo: Repo, runs: int) -> list[float]:
         upstream.mode = "stream_until_client_leaves"
         for _ in range(runs):
             upstream.closed_at.clear()
-            client = socket.create_connection(("127.0.0.1", proxy.port))
-            client.sendall(
-                f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(STREAM_BODY)}\r\n\r\n".encode()
-                + STREAM_BODY
-            )
-            received = b""
-            while b"first" not in received:
-                received += client.recv(65536)
-            left_at = time.monotonic()
-            client.close()
+            left_at = stream_then_leave(proxy.port)
             while not upstream.closed_at:
                 time.sleep(0.0005)
             latencies.append((upstream.closed_at[0] - left_at) * 1000)

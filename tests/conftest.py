@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from support import Proxy, Repo, Upstream, run_proxy, run_upstream
+from scout_diff_cache.addon import ScoutDiffCache
+from support import SETTING_ENV_NAMES, Proxy, Repo, Upstream, run_proxy, run_upstream
 
 _GIT_HOME = tempfile.mkdtemp(prefix="scout-test-git-")
 
@@ -50,3 +51,22 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             return stack.enter_context(run_proxy(upstream_url, work_dir, env, extra_args, wait))
 
         yield factory
+
+
+@pytest.fixture
+def clean_scout_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No scout setting inherited from the environment; an empty config file. Returns its path."""
+    for name in SETTING_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "empty-config.yaml"
+    config.write_text("{}\n")
+    monkeypatch.setenv("SCOUT_CONFIG", str(config))
+    return config
+
+
+@pytest.fixture
+def addon(clean_scout_env: Path) -> Iterator[ScoutDiffCache]:
+    """The addon, for in-process tests with mitmproxy.test.taddons; its watcher is stopped after."""
+    instance = ScoutDiffCache()
+    yield instance
+    instance.done()

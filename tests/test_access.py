@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
@@ -14,7 +14,7 @@ from mitmproxy.test import taddons
 
 from scout_diff_cache.access import bearer_token, is_authorized, is_loopback, open_listen_hosts
 from scout_diff_cache.addon import ScoutDiffCache
-from support import SETTING_ENV_NAMES, Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream
 
 PROXY_KEY = "sk-proxy-0123456789abcdef"
 TARGET_KEY = "sk-target-fedcba9876543210"
@@ -69,22 +69,6 @@ def test_open_listen_hosts() -> None:
 
 
 # --- the listen policy, in-process ----------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in SETTING_ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    config = tmp_path / "empty.yaml"
-    config.write_text("{}\n")
-    monkeypatch.setenv("SCOUT_CONFIG", str(config))
-
-
-@pytest.fixture
-def addon(clean_env: None) -> Iterator[ScoutDiffCache]:
-    instance = ScoutDiffCache()
-    yield instance
-    instance.done()
 
 
 def test_default_listen_host_becomes_loopback(addon: ScoutDiffCache, make_repo: Callable[..., Repo]) -> None:

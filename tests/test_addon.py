@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from mitmproxy import exceptions
@@ -12,26 +11,10 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from scout_diff_cache.addon import ScoutDiffCache, route_path
-from support import SETTING_ENV_NAMES, Repo
+from support import Repo
 
 CHAT = b"/v1/chat/completions"
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in SETTING_ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    config = tmp_path / "empty.yaml"
-    config.write_text("{}\n")
-    monkeypatch.setenv("SCOUT_CONFIG", str(config))
-
-
-@pytest.fixture
-def addon() -> Iterator[ScoutDiffCache]:
-    instance = ScoutDiffCache()
-    yield instance
-    instance.done()
 
 
 def chat_flow() -> tflow.HTTPFlow:

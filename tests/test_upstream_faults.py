@@ -364,12 +364,9 @@ def test_a_stream_cut_short_ends_for_the_client(
 # --- the client goes away ----------------------------------------------------------------------
 
 
-def test_client_disconnect_mid_stream_closes_the_upstream_connection(
-    repo: Repo, faulty: FaultyServer, start_proxy: Callable[..., Proxy]
-) -> None:
-    proxy = start_proxy(faulty.url, {"GIT_REPO_PATH": str(repo.path)})
-    faulty.mode = "stream_until_client_leaves"
-    client = socket.create_connection(("127.0.0.1", proxy.port))
+def stream_then_leave(port: int) -> float:
+    """Ask for a stream, read its first event, close the connection; returns when it closed."""
+    client = socket.create_connection(("127.0.0.1", port))
     client.sendall(
         f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(STREAM_BODY)}\r\n\r\n".encode()
@@ -382,6 +379,15 @@ def test_client_disconnect_mid_stream_closes_the_upstream_connection(
         received += data
     left_at = time.monotonic()
     client.close()
+    return left_at
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_connection(
+    repo: Repo, faulty: FaultyServer, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy(faulty.url, {"GIT_REPO_PATH": str(repo.path)})
+    faulty.mode = "stream_until_client_leaves"
+    left_at = stream_then_leave(proxy.port)
     deadline = time.monotonic() + 10
     while not faulty.closed_at and time.monotonic() < deadline:
         time.sleep(0.005)
