@@ -180,7 +180,6 @@ class ScoutDiffCache:
             ctx.options.update(**changes)  # type: ignore[no-untyped-call]
         finally:
             self._writing_options = False
-        self._spliced_since_gc = 0
 
     def running(self) -> None:
         # Reverse mode connects upstream eagerly by default and drops the client when that fails,
