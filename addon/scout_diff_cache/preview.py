@@ -1,0 +1,97 @@
+"""``python -m scout_diff_cache preview``: what the proxy would send for a repository, without any server.
+
+Reads the settings the proxy would (environment, config file, and the flags given here), builds
+the snapshot and the working diff exactly as the addon does, and prints a summary: commit, files,
+bytes, a token estimate, and every file left out with the reason (the snapshot's and the diff's
+own closing listings). ``--write-snapshot`` and ``--write-diff`` write the exact message texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
+from .context import human_bytes
+from .exclusions import PathFilter
+from .gitrepo import GitError, GitRepo
+from .snapshot import SnapshotLimits, build_snapshot
+from .workdiff import DiffLimits, build_working_diff
+
+# A rough rule for code with a Llama-style tokenizer; printed as an estimate, never as a count.
+BYTES_PER_TOKEN_ESTIMATE = 4
+
+
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(
+        prog="python -m scout_diff_cache preview",
+        description="Show what scout-diff-cache would send for a repository, without any server.",
+    )
+    result.add_argument("--repo", help="git work tree (default: GIT_REPO_PATH, else the current directory)")
+    result.add_argument("--config", help=f"config file (default: ${CONFIG_ENV_VAR}, else the project's config.yaml)")
+    result.add_argument("--max-file-bytes", type=int)
+    result.add_argument("--max-snapshot-bytes", type=int)
+    result.add_argument("--max-diff-bytes", type=int)
+    result.add_argument("--exclude", action="append", default=[], help="extra exclusion (gitignore syntax); repeat")
+    result.add_argument("--write-snapshot", type=Path, help="write the exact snapshot message text here")
+    result.add_argument("--write-diff", type=Path, help="write the exact working-diff message text here")
+    return result
+
+
+def tokens(size: int) -> str:
+    return f"~{size // BYTES_PER_TOKEN_ESTIMATE:,} tokens (estimate: {BYTES_PER_TOKEN_ESTIMATE} bytes per token)"
+
+
+def closing_block(text: str, tag: str) -> str:
+    start = text.rfind(f"<{tag}>")
+    return text[start:] if start >= 0 else ""
+
+
+def run(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    options = {
+        "git_repo_path": args.repo,
+        "max_file_bytes": args.max_file_bytes,
+        "max_snapshot_bytes": args.max_snapshot_bytes,
+        "max_diff_bytes": args.max_diff_bytes,
+        "exclude_path_patterns": args.exclude,
+    }
+    try:
+        settings, _ = load_settings(options, os.environ, resolve_config_path(args.config, os.environ))
+        path_filter = PathFilter.build(settings.exclude_path_patterns, settings.use_default_excludes)
+        repo = GitRepo(settings.git_repo_path)
+        commit = repo.head_commit()
+        snapshot = build_snapshot(
+            repo, commit, SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter)
+        )
+        diff = build_working_diff(
+            repo, commit, DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter)
+        )
+    except (ConfigError, GitError, ValueError) as e:
+        print(f"preview: {e}", file=sys.stderr)
+        return 2
+
+    snapshot_bytes = len(snapshot.text.encode("utf-8"))
+    diff_bytes = len(diff.text.encode("utf-8"))
+    print(f"repository: {repo.toplevel}")
+    print(f"commit: {commit or 'none (no commits yet)'}")
+    print(
+        f"snapshot: {snapshot.file_count} files, {snapshot.symlink_count} symbolic links, "
+        f"{snapshot.skipped_count} left out; {human_bytes(snapshot_bytes)}, {tokens(snapshot_bytes)}"
+    )
+    print(
+        f"working diff: {diff.included_files} files, {diff.left_out_files} left out; "
+        f"{human_bytes(diff_bytes)}, {tokens(diff_bytes)}"
+    )
+    print()
+    print(closing_block(snapshot.text, "snapshot_info"), end="")
+    info = closing_block(diff.text, "diff_info")
+    print(info if info else diff.text, end="")
+    for target, text in ((args.write_snapshot, snapshot.text), (args.write_diff, diff.text)):
+        if target is not None:
+            target.write_bytes(text.encode("utf-8"))
+            print(f"wrote {human_bytes(len(text.encode('utf-8')))} to {target}")
+    return 0

@@ -1,0 +1,98 @@
+"""``python -m scout_diff_cache preview``: the snapshot and diff a repository would get, no server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from scout_diff_cache.exclusions import PathFilter
+from scout_diff_cache.gitrepo import GitRepo
+from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from support import ROOT, SETTING_ENV_NAMES, Repo
+
+
+def preview(args: list[str], env: Mapping[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    base = {k: v for k, v in os.environ.items() if k not in SETTING_ENV_NAMES}
+    return subprocess.run(
+        [sys.executable, "-m", "scout_diff_cache", *args],
+        env={**base, "PYTHONPATH": str(ROOT / "addon"), "SCOUT_CONFIG": str(config), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_preview_lists_what_is_sent_and_what_is_left_out(make_repo: Callable[..., Repo], tmp_path: Path) -> None:
+    repo = make_repo(
+        {
+            "src/app.py": "print('hi')\n",
+            "big.txt": "x" * 300 + "\n",
+            "logo.bin": b"\x00\x01\x02",
+            "package-lock.json": "{}\n",
+        }
+    )
+    repo.write({"src/app.py": "print('hello')\n", "notes.md": "untracked\n"})
+    snapshot_file, diff_file = tmp_path / "snapshot.txt", tmp_path / "diff.txt"
+
+    result = preview(
+        ["preview", "--repo", str(repo.path), "--write-snapshot", str(snapshot_file), "--write-diff", str(diff_file)],
+        {"MAX_FILE_BYTES": "200"},
+        tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"commit: {repo.head()}" in out
+    assert "snapshot: 1 files, 0 symbolic links, 3 left out" in out
+    assert "working diff: 2 files, 0 left out" in out
+    assert "tokens (estimate" in out
+    assert "binary files, not included (1):\n  logo.bin (3 bytes)" in out
+    assert "files over the per-file limit of 200 bytes, not included (1):\n  big.txt (301 bytes)" in out
+    assert "files excluded by path pattern (1):\n  package-lock.json" in out
+
+    git_repo = GitRepo(str(repo.path))
+    path_filter = PathFilter.build((), True)
+    expected_snapshot = build_snapshot(git_repo, repo.head(), SnapshotLimits(200, 67108864, path_filter))
+    expected_diff = build_working_diff(git_repo, repo.head(), DiffLimits(200, 1048576, path_filter))
+    assert snapshot_file.read_bytes() == expected_snapshot.text.encode("utf-8")
+    assert diff_file.read_bytes() == expected_diff.text.encode("utf-8")
+    assert "+print('hello')" in diff_file.read_text()
+    assert "+untracked" in diff_file.read_text()
+
+
+def test_preview_flags_override_the_environment(make_repo: Callable[..., Repo], tmp_path: Path) -> None:
+    repo = make_repo({"docs/a.md": "a\n", "src/b.py": "b\n"})
+    result = preview(
+        ["preview", "--repo", str(repo.path), "--exclude", "docs/", "--max-file-bytes", "100"],
+        {"MAX_FILE_BYTES": "1", "GIT_REPO_PATH": "/nonexistent"},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "snapshot: 1 files" in result.stdout
+    assert "files excluded by path pattern (1):\n  docs/a.md" in result.stdout
+    assert "The working tree is clean" in result.stdout
+
+
+def test_preview_errors_are_clear(tmp_path: Path) -> None:
+    not_a_repo = tmp_path / "plain"
+    not_a_repo.mkdir()
+    result = preview(["preview", "--repo", str(not_a_repo)], {}, tmp_path)
+    assert result.returncode == 2
+    assert "is not inside a git repository" in result.stderr
+
+    result = preview(["preview", "--repo", str(tmp_path), "--max-diff-bytes", "0"], {}, tmp_path)
+    assert result.returncode == 2
+    assert "max_diff_bytes" in result.stderr
+
+    result = preview(["frobnicate"], {}, tmp_path)
+    assert result.returncode == 2
+    assert "unknown command" in result.stderr
+    assert preview([], {}, tmp_path).returncode == 2
+    assert preview(["--help"], {}, tmp_path).returncode == 0
