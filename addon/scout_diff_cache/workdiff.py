@@ -222,9 +222,8 @@ def _unchanged(repo: GitRepo, change: RawChange, old_size: int, new_size: int) -
         return False
     if change.new_oid.strip("0") or old_size != new_size:
         return False
-    full = os.path.join(os.fsencode(repo.toplevel), change.path)
     try:
-        data = os.readlink(full) if change.new_mode == "120000" else _read_file(full)
+        data = _read_entry(_work_tree_path(repo, change.path), is_link=change.new_mode == "120000")
     except OSError:
         return False
     return data is not None and blob_id(data, repo.object_format) == change.old_oid
@@ -232,24 +231,33 @@ def _unchanged(repo: GitRepo, change: RawChange, old_size: int, new_size: int) -
 
 def _size_on_disk(repo: GitRepo, path: bytes) -> int:
     try:
-        return os.lstat(os.path.join(os.fsencode(repo.toplevel), path)).st_size
+        return os.lstat(_work_tree_path(repo, path)).st_size
     except OSError:
         return 0
 
 
 def _untracked_patch(repo: GitRepo, path: bytes, limits: DiffLimits) -> bytes | None:
     """The new-file patch of an untracked file; None if it vanished; b"" if over the per-file limit."""
-    full = os.path.join(os.fsencode(repo.toplevel), path)
+    full = _work_tree_path(repo, path)
     try:
         st = os.lstat(full)
         if st.st_size > limits.max_file_bytes:
             return b""
-        data = os.readlink(full) if stat.S_ISLNK(st.st_mode) else _read_file(full)
+        data = _read_entry(full, is_link=stat.S_ISLNK(st.st_mode))
     except OSError:
         return None
     if data is None:
         return None
     return new_file_patch(path, data, _file_mode(st), repo.object_format).encode("utf-8")
+
+
+def _work_tree_path(repo: GitRepo, path: bytes) -> bytes:
+    return os.path.join(os.fsencode(repo.toplevel), path)
+
+
+def _read_entry(full: bytes, is_link: bool) -> bytes | None:
+    """What git would hash for this path: a link's target, or a regular file's content."""
+    return os.readlink(full) if is_link else _read_file(full)
 
 
 def _read_file(path: bytes) -> bytes | None:
