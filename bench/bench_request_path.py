@@ -87,10 +87,10 @@ def main() -> None:
     client_body = json.dumps(
         {"model": "llama-4-scout", "stream": True, "messages": [{"role": "user", "content": "Where is X done?"}]}
     ).encode()
-    spliced = assemble_body(parse_chat_request(client_body), [snapshot.message_json, diff_json])
+    spliced = assemble_body(parse_chat_request(client_body), [snapshot.message_json, diff_json]).body
 
     def splice() -> bytes:
-        return assemble_body(parse_chat_request(client_body), [snapshot.message_json, diff_json])
+        return assemble_body(parse_chat_request(client_body), [snapshot.message_json, diff_json]).body
 
     def reencode() -> bytes:
         body = json.loads(spliced)

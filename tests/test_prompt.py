@@ -14,7 +14,8 @@ DIFF = system_message_json("The working tree is clean.\n")
 def splice(body: dict[str, object] | bytes, upstream_model: str | None = None) -> dict[str, object]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     result = assemble_body(parse_chat_request(raw), [SNAPSHOT, DIFF], upstream_model)
-    parsed = json.loads(result)
+    assert [result.body[start:end] for start, end in result.context_spans] == [SNAPSHOT, DIFF]
+    parsed = json.loads(result.body)
     assert isinstance(parsed, dict)
     return parsed
 
@@ -49,12 +50,12 @@ def test_every_other_field_is_kept() -> None:
 
 
 def test_empty_messages_has_no_dangling_comma() -> None:
-    raw = assemble_body(parse_chat_request(b'{"messages": []}'), [SNAPSHOT, DIFF])
+    raw = assemble_body(parse_chat_request(b'{"messages": []}'), [SNAPSHOT, DIFF]).body
     assert raw == b'{"messages":[' + SNAPSHOT + b"," + DIFF + b"]}"
 
 
 def test_body_with_only_messages() -> None:
-    raw = assemble_body(parse_chat_request(b'{"messages":[{"role":"user","content":"x"}]}'), [SNAPSHOT, DIFF])
+    raw = assemble_body(parse_chat_request(b'{"messages":[{"role":"user","content":"x"}]}'), [SNAPSHOT, DIFF]).body
     assert raw.startswith(b'{"messages":[' + SNAPSHOT + b"," + DIFF + b",")
     assert json.loads(raw)["messages"][2] == {"role": "user", "content": "x"}
 
@@ -62,9 +63,15 @@ def test_body_with_only_messages() -> None:
 def test_snapshot_bytes_are_spliced_verbatim() -> None:
     raw = assemble_body(
         parse_chat_request(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), [SNAPSHOT, DIFF]
-    )
+    ).body
     assert SNAPSHOT in raw
     assert raw.index(SNAPSHOT) < raw.index(DIFF)
+
+
+def test_spans_locate_each_context_message_without_client_messages() -> None:
+    result = assemble_body(parse_chat_request(b'{"messages": []}'), [SNAPSHOT])
+    assert result.body == b'{"messages":[' + SNAPSHOT + b"]}"
+    assert result.context_spans == ((13, 13 + len(SNAPSHOT)),)
 
 
 def test_upstream_model_replaces_the_clients_model() -> None:
@@ -97,7 +104,7 @@ def _depth(value: object) -> int:
 
 def test_duplicate_keys_resolve_once_and_the_upstream_sees_a_single_key() -> None:
     raw = b'{"messages":[{"role":"user","content":"first"}],"messages":[{"role":"user","content":"second"}]}'
-    result_bytes = assemble_body(parse_chat_request(raw), [SNAPSHOT, DIFF])
+    result_bytes = assemble_body(parse_chat_request(raw), [SNAPSHOT, DIFF]).body
     assert result_bytes.count(b'"messages"') == 1
     assert json.loads(result_bytes)["messages"][2]["content"] == "second"
 

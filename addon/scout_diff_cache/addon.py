@@ -36,7 +36,7 @@ from .errors import ApiError, error_response, json_response, proxy_error_respons
 from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
 from .mitm_internals import install_error_envelopes, uninstall_error_envelopes
-from .prompt import BadRequest, assemble_body, is_json_media_type, parse_chat_request
+from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .snapshot import SnapshotLimits
 from .upstream import UpstreamDeadlines, probe_upstream
 from .watcher import ChangeMonitor
@@ -326,12 +326,15 @@ class ScoutDiffCache:
         except BadRequest as e:
             raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
         context = await _context_or_error(provider)
-        body = assemble_body(chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model)
+        assembled = assemble_body(
+            chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model
+        )
+        body = assembled.body
         flow.request.headers.pop("content-encoding", None)
         flow.request.headers["content-type"] = "application/json"
         flow.request.content = body
         self._spliced_since_gc += len(body)
-        _annotate(flow, context, len(body))
+        _annotate(flow, context, assembled)
         logger.info(
             "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
             _short(context.snapshot.commit),
@@ -389,14 +392,17 @@ async def _context_or_error(provider: ContextProvider) -> RepoContext:
         raise ApiError(500, f"cannot read the git repository: {e}", "server_error", "git_error") from None
 
 
-def _annotate(flow: http.HTTPFlow, context: RepoContext, body_bytes: int) -> None:
+def _annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody) -> None:
+    snapshot_span, diff_span = assembled.context_spans
     flow.metadata[METADATA_KEY] = {
         "commit": context.snapshot.commit,
         "snapshot_bytes": context.snapshot.size,
         "snapshot_files": context.snapshot.file_count,
+        "snapshot_span": snapshot_span,
         "diff_bytes": context.diff.size,
         "diff_files": context.diff.included_files,
-        "body_bytes": body_bytes,
+        "diff_span": diff_span,
+        "body_bytes": len(assembled.body),
     }
     flow.comment = (
         f"snap {_short(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "

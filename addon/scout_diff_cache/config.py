@@ -86,8 +86,31 @@ class Settings(BaseModel):
         None,
         description="If set, replaces the 'model' of every chat request sent upstream.",
     )
+    stream_usage: bool = Field(
+        True,
+        description="Ask for usage in streamed answers (stream_options.include_usage) to read cache hits; "
+        "the extra usage chunk is removed when the client did not ask for it.",
+    )
+    count_snapshot_tokens: bool = Field(
+        True,
+        description="Ask the upstream's /tokenize once per snapshot for its exact token count "
+        "(else it is estimated from each answer's prompt_tokens).",
+    )
+    keep_full_bodies: int = Field(
+        10,
+        ge=0,
+        description="Flows that keep their full request body in mitmweb; older ones get the snapshot "
+        "replaced by a short placeholder so memory stays flat.",
+    )
 
-    @field_validator("inject_context", "use_default_excludes", "allow_remote_without_key", mode="before")
+    @field_validator(
+        "inject_context",
+        "use_default_excludes",
+        "allow_remote_without_key",
+        "stream_usage",
+        "count_snapshot_tokens",
+        mode="before",
+    )
     @classmethod
     def _parse_bool(cls, value: object) -> object:
         if isinstance(value, str):

@@ -139,7 +139,17 @@ def _compact(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def assemble_body(request: ChatRequest, context_messages: list[bytes], upstream_model: str | None = None) -> bytes:
+@dataclass(frozen=True)
+class AssembledBody:
+    """The upstream body, and where each context message lies in it (``body[start:end]``)."""
+
+    body: bytes
+    context_spans: tuple[tuple[int, int], ...]
+
+
+def assemble_body(
+    request: ChatRequest, context_messages: list[bytes], upstream_model: str | None = None
+) -> AssembledBody:
     """The upstream body: the client's fields, then ``messages`` = context messages + client messages."""
     fields = dict(request.fields)
     if upstream_model is not None:
@@ -147,9 +157,17 @@ def assemble_body(request: ChatRequest, context_messages: list[bytes], upstream_
     head = _compact(fields)[:-1]  # drop the closing brace
     separator = b"," if len(head) > 1 else b""
     client_messages = _compact(request.messages)[1:-1]
-    messages = [*context_messages, *([client_messages] if client_messages else [])]
     parts = [head, separator, b'"messages":[']
-    for index, message in enumerate(messages):
-        parts.extend((b",", message) if index else (message,))
+    offset = sum(map(len, parts))
+    spans = []
+    for index, message in enumerate(context_messages):
+        if index:
+            parts.append(b",")
+            offset += 1
+        parts.append(message)
+        spans.append((offset, offset + len(message)))
+        offset += len(message)
+    if client_messages:
+        parts.extend((b"," if context_messages else b"", client_messages))
     parts.append(b"]}")
-    return b"".join(parts)  # one copy of the snapshot's bytes, not two
+    return AssembledBody(b"".join(parts), tuple(spans))  # one copy of the snapshot's bytes, not two
