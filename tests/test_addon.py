@@ -10,7 +10,8 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from scout_diff_cache.addon import ScoutDiffCache, route_path
+from scout_diff_cache.addon import ScoutDiffCache
+from scout_diff_cache.routes import route_path
 from support import Repo
 
 CHAT = b"/v1/chat/completions"

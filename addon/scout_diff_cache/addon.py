@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +36,8 @@ from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
 from .mitm_internals import install_error_envelopes, uninstall_error_envelopes
 from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
+from .retention import BodyRetention
+from .routes import CHAT_PATH, HEALTH_PATH, MODELS_PATH, route_path
 from .snapshot import SnapshotLimits
 from .upstream import UpstreamDeadlines, probe_upstream
 from .watcher import ChangeMonitor
@@ -44,9 +45,6 @@ from .workdiff import DiffLimits
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
-MODELS_PATH = "/v1/models"
-HEALTH_PATH = "/health"
 METADATA_KEY = "scout_diff_cache"
 MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
 MASKED_CLIENT_AUTHORIZATION = "Bearer [PROXY_API_KEY]"
@@ -80,6 +78,7 @@ class ScoutDiffCache:
         self.deadlines = UpstreamDeadlines()
         self._writing_options = False
         self._spliced_since_gc = 0
+        self.retention = BodyRetention(keep=Settings.model_fields["keep_full_bodies"].default)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -126,6 +125,7 @@ class ScoutDiffCache:
         monitor = ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir])
         monitor.start()
         self.settings = settings
+        self.retention.keep = settings.keep_full_bodies
         self.provider = ContextProvider(
             repo,
             monitor,
@@ -235,11 +235,15 @@ class ScoutDiffCache:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.deadlines.response_sent(flow)
+        if METADATA_KEY in flow.metadata:
+            self.retention.flow_done(flow)
         self._collect_garbage_if_due()
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.deadlines.stop(flow)
         self._mask_upstream_key(flow)
+        if METADATA_KEY in flow.metadata:
+            self.retention.flow_done(flow)
         self._collect_garbage_if_due()
 
     def _collect_garbage_if_due(self) -> None:
@@ -408,16 +412,6 @@ def _annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBod
         f"snap {_short(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "
         f"diff {human_bytes(context.diff.size)}"
     )
-
-
-def route_path(path: str) -> str:
-    """The path as routes see it: no query, no repeated or trailing slashes.
-
-    '/v1/chat/completions/' must not slip past the rewrite: a FastAPI upstream (vLLM) answers it
-    with a redirect to its own address, which a client would follow around the proxy.
-    """
-    collapsed = re.sub(r"/{2,}", "/", path.partition("?")[0])
-    return collapsed.rstrip("/") or "/"
 
 
 def _options_error(message: str) -> exceptions.OptionsError:
