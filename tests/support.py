@@ -180,6 +180,92 @@ def raw_messages(body: bytes) -> list[bytes]:
             index += 1
 
 
+CHARS_PER_TOKEN = 4
+
+
+class FakePrefixCache:
+    """A prefix cache like the engines': the longest prefix shared with a remembered prompt is reused.
+
+    The prompt is rendered like Llama 4's template (tool text before the first system message);
+    a token is CHARS_PER_TOKEN characters. It remembers the last ``capacity`` prompts.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self.prompts: list[str] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def render(payload: dict[str, Any], generation_prompt: bool = True) -> str:
+        parts = ["<|begin_of_text|>"]
+        if payload.get("tools"):
+            parts.append(
+                "<|header_start|>system<|header_end|>\n\nEnvironment: ipython\n" + json.dumps(payload["tools"])
+            )
+        for message in payload.get("messages", []):
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+            parts.append(f"<|header_start|>{message.get('role')}<|header_end|>\n\n{content or ''}<|eot|>")
+        if generation_prompt:
+            parts.append("<|header_start|>assistant<|header_end|>\n\n")
+        return "".join(parts)
+
+    @staticmethod
+    def tokens(text: str) -> int:
+        return -(-len(text) // CHARS_PER_TOKEN)
+
+    def serve(self, prompt: str) -> tuple[int, int]:
+        """(prompt tokens, cached tokens) for a prompt, which is then remembered."""
+        with self.lock:
+            shared = max((_shared_prefix(prompt, seen) for seen in self.prompts), default=0)
+            kept = (
+                [seen for seen in self.prompts if seen != prompt][-(self.capacity - 1) :] if self.capacity > 1 else []
+            )
+            self.prompts = [*kept, prompt] if self.capacity > 0 else []
+        total = self.tokens(prompt)
+        return total, min(shared // CHARS_PER_TOKEN, total - 1)
+
+    def forget(self) -> None:
+        with self.lock:
+            self.prompts.clear()
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """Length of the common prefix, by bisection on slices (a character loop is slow on 40 MB)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def engine_usage(engine: str | None, prompt_tokens: int, cached: int) -> dict[str, Any]:
+    """The completion's ``usage`` (and llama.cpp's ``timings``) as the engine would send them."""
+    if engine is None:
+        return {"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1}
+    if engine == "vllm":
+        cached = cached // 16 * 16
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    elif engine in ("llamacpp", "sglang"):
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    extra: dict[str, Any] = {"usage": usage}
+    if engine == "llamacpp":
+        extra["timings"] = {
+            "cache_n": cached,
+            "prompt_n": prompt_tokens - cached,
+            "prompt_ms": 1.5,
+            "predicted_n": 1,
+            "predicted_ms": 0.5,
+        }
+    return extra
+
+
 @dataclass
 class UpstreamBehaviour:
     """What the fake model server does; tests change it while it runs."""
@@ -190,6 +276,10 @@ class UpstreamBehaviour:
     reply_text: str = "ok"
     status: int = 200
     error_body: bytes | None = None
+    # None: a fixed usage without cache figures. "vllm", "llamacpp", "sglang" or "tgi": a prefix cache
+    # (FakePrefixCache) reported the way that engine does, and its tokenize endpoints, if it has any.
+    engine: str | None = None
+    cache: FakePrefixCache = field(default_factory=FakePrefixCache)
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
@@ -242,10 +332,32 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             payload = json.loads(record.body)
         except ValueError:
             payload = {}
-        if isinstance(payload, dict) and payload.get("stream"):
-            self._stream(behaviour)
+        if not isinstance(payload, dict):
+            payload = {}
+        if record.path in ("/tokenize", "/apply-template"):
+            self._tokenize(record.path, payload, behaviour)
+            return
+        prompt_tokens, cached = 1, 0
+        if behaviour.engine is not None:
+            prompt_tokens, cached = behaviour.cache.serve(FakePrefixCache.render(payload))
+        extra = engine_usage(behaviour.engine, prompt_tokens, cached)
+        if payload.get("stream"):
+            self._stream(behaviour, payload, extra)
         else:
-            self._send_json(200, _completion(behaviour.reply_text))
+            self._send_json(200, {**_completion(behaviour.reply_text), **extra})
+
+    def _tokenize(self, path: str, payload: dict[str, Any], behaviour: UpstreamBehaviour) -> None:
+        """vLLM's /tokenize (messages -> count); llama.cpp's /apply-template and /tokenize (content -> tokens)."""
+        if behaviour.engine == "vllm" and path == "/tokenize" and "messages" in payload:
+            prompt = FakePrefixCache.render(payload, generation_prompt=payload.get("add_generation_prompt", True))
+            self._send_json(200, {"count": FakePrefixCache.tokens(prompt), "max_model_len": 10_000_000})
+        elif behaviour.engine == "llamacpp" and path == "/apply-template":
+            generation_prompt = payload.get("add_generation_prompt", True)
+            self._send_json(200, {"prompt": FakePrefixCache.render(payload, generation_prompt=generation_prompt)})
+        elif behaviour.engine == "llamacpp" and path == "/tokenize":
+            self._send_json(200, {"tokens": [0] * FakePrefixCache.tokens(str(payload.get("content", "")))})
+        else:
+            self._send_json(404, {"error": {"message": f"no {path} here"}})
 
     def _send_json(self, status: int, payload: object) -> None:
         self._send_raw(status, json.dumps(payload).encode(), "application/json")
@@ -257,21 +369,37 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _stream(self, behaviour: UpstreamBehaviour) -> None:
+    def _stream(self, behaviour: UpstreamBehaviour, payload: dict[str, Any], extra: dict[str, Any]) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        events: list[dict[str, Any]] = []
         for index in range(behaviour.stream_chunks):
+            last = index == behaviour.stream_chunks - 1
+            events.append(
+                {
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": "test",
+                    "choices": [
+                        {"index": 0, "delta": {"content": f"part{index} "}, "finish_reason": "stop" if last else None}
+                    ],
+                }
+            )
+        if include_usage and behaviour.engine is not None:
+            events.append(
+                {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "test", "choices": []}
+                | {"usage": extra["usage"]}
+            )
+        if "timings" in extra:  # llama.cpp puts them on the last chunk, the usage chunk when there is one
+            events[-1]["timings"] = extra["timings"]
+        for index, event in enumerate(events):
             if index == 1 and behaviour.stream_gate is not None:
                 behaviour.stream_gate.wait(timeout=20)
-            event = {
-                "id": "chatcmpl-test",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": "test",
-                "choices": [{"index": 0, "delta": {"content": f"part{index} "}, "finish_reason": None}],
-            }
             self._chunk(f"data: {json.dumps(event)}\n\n".encode())
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
@@ -424,18 +552,24 @@ def run_proxy(
     env: Mapping[str, str],
     extra_args: tuple[str, ...] = (),
     wait: bool = True,
+    *,
+    program: str = "mitmdump",
 ) -> Iterator[Proxy]:
-    """Start ``mitmdump -s addon/scout.py`` in reverse mode in front of ``upstream_url``; stop it after."""
+    """Start ``mitmdump -s addon/scout.py`` in reverse mode in front of ``upstream_url``; stop it after.
+
+    ``program="mitmweb"`` starts mitmweb instead (no browser opened; its web options go in extra_args).
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = work_dir / f"mitmdump-{port}.log"
+    log_path = work_dir / f"{program}-{port}.log"
     command = [
-        mitmdump_executable(),
+        str(Path(mitmdump_executable()).with_name(program)),
         "-s", str(SCRIPT),
         "--mode", f"reverse:{upstream_url}",
         "--listen-host", "127.0.0.1",
         "-p", str(port),
         "--set", f"confdir={work_dir / 'mitmproxy-conf'}",
+        *(("--set", "web_open_browser=false") if program == "mitmweb" else ()),
         *extra_args,
     ]  # fmt: skip
     with open(log_path, "wb") as log:

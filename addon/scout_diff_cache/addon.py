@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -34,12 +35,25 @@ from .context import ContextProvider, RepoContext, human_bytes
 from .errors import ApiError, error_response, json_response, proxy_error_response
 from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ProxyMetrics
 from .mitm_internals import install_error_envelopes, uninstall_error_envelopes
 from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .retention import BodyRetention
-from .routes import CHAT_PATH, HEALTH_PATH, MODELS_PATH, route_path
-from .snapshot import SnapshotLimits
-from .upstream import UpstreamDeadlines, probe_upstream
+from .routes import CHAT_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
+from .snapshot import Snapshot, SnapshotLimits
+from .tokencount import CountRequest, TokenCounter
+from .upstream import TIMED_OUT_KEY, UpstreamDeadlines, probe_upstream
+from .usage import StreamUsageTap, UpstreamUsage, ask_for_stream_usage, usage_from_body
+from .verdict import (
+    CacheTracker,
+    CacheVerdict,
+    SendHistory,
+    SnapshotTokens,
+    classify,
+    estimate_snapshot_tokens,
+    tools_key,
+)
 from .watcher import ChangeMonitor
 from .workdiff import DiffLimits
 
@@ -79,11 +93,15 @@ class ScoutDiffCache:
         self._writing_options = False
         self._spliced_since_gc = 0
         self.retention = BodyRetention(keep=Settings.model_fields["keep_full_bodies"].default)
+        self.metrics = ProxyMetrics()
+        self.tracker = CacheTracker()
+        self.token_counter = TokenCounter()
+        self._chats: dict[str, ChatFlow] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def load(self, loader: Loader) -> None:
-        install_error_envelopes(proxy_error_response)
+        install_error_envelopes(self._mitmproxy_error_response)
         loader.add_option(
             CONFIG_OPTION,
             OPTIONAL_STR,
@@ -131,6 +149,7 @@ class ScoutDiffCache:
             monitor,
             SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
             DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
+            self.metrics,
         )
         logger.info(
             "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
@@ -217,24 +236,47 @@ class ScoutDiffCache:
             if flow.response is None:
                 await self._forward(flow, self.settings)
         except ApiError as e:
-            flow.response = error_response(e)
-            if e.status == 401:
-                flow.response.headers["www-authenticate"] = 'Bearer realm="scout-diff-cache"'
+            self._answer_error(flow, e)
         except Exception as e:
             logger.exception("scout-diff-cache: request to %s failed", flow.request.path)
-            flow.response = error_response(
-                ApiError(500, f"internal proxy error: {type(e).__name__}: {e}", "server_error", "internal_error")
+            self._answer_error(
+                flow, ApiError(500, f"internal proxy error: {type(e).__name__}: {e}", "server_error", "internal_error")
             )
+
+    def _answer_error(self, flow: http.HTTPFlow, error: ApiError) -> None:
+        flow.response = error_response(error)
+        if error.status == 401:
+            flow.response.headers["www-authenticate"] = 'Bearer realm="scout-diff-cache"'
+        self.metrics.error(error.status, "proxy")
+        chat = self._chats.pop(flow.id, None)
+        if chat is not None:  # failed after the rewrite (the upstream probe)
+            self._finish_chat(flow, chat, "proxy_error", None)
+
+    def _mitmproxy_error_response(self, status: int, message: str) -> http.Response:
+        """mitmproxy's own error answers (upstream gone, bad client HTTP), as envelopes, counted."""
+        self.metrics.error(status, "proxy")
+        return proxy_error_response(status, message)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.deadlines.stop(flow)
         assert flow.response is not None
+        chat = self._chats.get(flow.id)
+        if chat is not None:
+            _add_context_headers(flow.response.headers, chat)
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
-            flow.response.stream = True
+            identity = flow.response.headers.get("content-encoding", "identity").lower() == "identity"
+            if chat is not None and identity:
+                chat.tap = StreamUsageTap(remove_usage=chat.usage_added)
+                flow.response.stream = chat.tap
+            else:
+                flow.response.stream = True
         self._mask_upstream_key(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.deadlines.response_sent(flow)
+        chat = self._chats.pop(flow.id, None)
+        if chat is not None:
+            self._chat_answered(flow, chat)
         if METADATA_KEY in flow.metadata:
             self.retention.flow_done(flow)
         self._collect_garbage_if_due()
@@ -242,6 +284,11 @@ class ScoutDiffCache:
     def error(self, flow: http.HTTPFlow) -> None:
         self.deadlines.stop(flow)
         self._mask_upstream_key(flow)
+        chat = self._chats.pop(flow.id, None)
+        if chat is not None:
+            message = flow.error.msg if flow.error is not None else ""
+            gone = "client disconnected" in message.lower() or flow.client_conn.timestamp_end is not None
+            self._finish_chat(flow, chat, "client_gone" if gone else "upstream_error", None, failure=message)
         if METADATA_KEY in flow.metadata:
             self.retention.flow_done(flow)
         self._collect_garbage_if_due()
@@ -259,6 +306,11 @@ class ScoutDiffCache:
         if path == HEALTH_PATH and method in ("GET", "HEAD"):
             flow.response = await self._health(settings, provider)
             return
+        if path == METRICS_PATH and method in ("GET", "HEAD"):
+            flow.response = http.Response.make(200, self.metrics.render(), {"content-type": METRICS_CONTENT_TYPE})
+            return
+        if not settings.inject_context and path == CHAT_PATH and method == "POST":
+            self.metrics.answered("passthrough", None)
         if settings.inject_context:
             if path == MODELS_PATH and method == "GET":
                 flow.response = json_response(200, {"object": "list", "data": [_model_card(settings.model_id)]})
@@ -310,6 +362,9 @@ class ScoutDiffCache:
             )
             if unreachable is not None:
                 raise unreachable
+        chat = self._chats.get(flow.id)
+        if chat is not None:
+            chat.authorization = flow.request.headers.get("authorization")
         self.deadlines.start(flow, settings.upstream_timeout_ms)
 
     async def _inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
@@ -329,17 +384,35 @@ class ScoutDiffCache:
             chat = parse_chat_request(flow.request.get_content(strict=False) or b"")
         except BadRequest as e:
             raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
+        usage_added = settings.stream_usage and ask_for_stream_usage(chat.fields)
         context = await _context_or_error(provider)
         assembled = assemble_body(
             chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model
         )
         body = assembled.body
         flow.request.headers.pop("content-encoding", None)
+        # The answer is read for its usage: an uncompressed one, which on a local link costs nothing.
+        flow.request.headers.pop("accept-encoding", None)
         flow.request.headers["content-type"] = "application/json"
         flow.request.content = body
         self._spliced_since_gc += len(body)
+        base_url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
+        history = self.tracker.before_send(base_url, context.snapshot, tools_key(chat.fields))
+        snapshot_start = assembled.context_spans[0][0]
+        self._chats[flow.id] = ChatFlow(
+            snapshot=context.snapshot,
+            diff_bytes=context.diff.size,
+            history=history,
+            base_url=base_url,
+            model=settings.upstream_model or _string_or_none(chat.fields.get("model")),
+            usage_added=usage_added,
+            messages_bytes=len(body) - snapshot_start,
+            started=started,
+        )
+        self.metrics.injected(len(body), context.diff.size)
         _annotate(flow, context, assembled)
-        logger.info(
+        flow.metadata[METADATA_KEY].update(expected=history.expectation(), stream_usage_added=usage_added)
+        logger.debug(
             "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
             _short(context.snapshot.commit),
             human_bytes(context.snapshot.size),
@@ -348,6 +421,86 @@ class ScoutDiffCache:
             context.diff.included_files,
             human_bytes(len(body)),
             (time.perf_counter() - started) * 1000,
+        )
+
+    def _chat_answered(self, flow: http.HTTPFlow, chat: ChatFlow) -> None:
+        response = flow.response
+        assert response is not None
+        if response.status_code >= 400:
+            timed_out = TIMED_OUT_KEY in flow.metadata  # our own 504
+            self.metrics.error(response.status_code, "proxy" if timed_out else "upstream")
+            self._finish_chat(flow, chat, "proxy_error" if timed_out else "upstream_error", None)
+            return
+        if chat.tap is not None:
+            usage = chat.tap.usage
+            if not ctx.options.store_streamed_bodies:
+                # What the client got, for mitmweb; raw_content keeps the headers as they were sent.
+                response.raw_content = bytes(chat.tap.recorded)
+        else:
+            usage = usage_from_body(response.get_content(strict=False) or b"")
+        exact = self.token_counter.exact(chat.base_url, chat.snapshot)
+        if exact is not None:
+            tokens: SnapshotTokens | None = SnapshotTokens(exact, exact=True)
+        elif usage is not None and usage.prompt_tokens is not None:
+            tokens = estimate_snapshot_tokens(usage.prompt_tokens, chat.snapshot.size, chat.messages_bytes)
+        else:
+            tokens = None
+        verdict = classify(usage, tokens, chat.history, chat.snapshot)
+        self.tracker.after_answer(chat.base_url, usage, verdict)
+        if chat.tap is None:
+            response.headers["x-scout-cache"] = _verdict_header(verdict)
+        self._finish_chat(flow, chat, verdict.verdict, verdict, usage=usage)
+        settings = self.settings
+        reports_cache = usage is not None and (usage.reports_cache or chat.history.reports_cache)
+        if settings is not None and settings.count_snapshot_tokens and reports_cache:
+            verify = not ctx.options.ssl_insecure
+            self.token_counter.request(
+                CountRequest(chat.base_url, chat.model, chat.authorization, verify), chat.snapshot
+            )
+
+    def _finish_chat(
+        self,
+        flow: http.HTTPFlow,
+        chat: ChatFlow,
+        outcome: str,
+        verdict: CacheVerdict | None,
+        *,
+        failure: str = "",
+        usage: UpstreamUsage | None = None,
+    ) -> None:
+        """Count the outcome, and show it in the flow's metadata, mitmweb's comment and one log line."""
+        self.metrics.answered(outcome, usage)
+        metadata = flow.metadata.get(METADATA_KEY)
+        if isinstance(metadata, dict):
+            metadata["outcome"] = outcome
+            if verdict is not None:
+                metadata["cache"] = verdict.as_dict()
+        if verdict is not None:
+            result = verdict.summary()
+        elif failure:
+            result = f"{outcome.replace('_', ' ')}: {failure}"
+        else:
+            result = outcome.replace("_", " ")
+        status = flow.response.status_code if flow.response is not None else "-"
+        if verdict is not None or status != "-":
+            flow.comment = f"{flow.comment} · {result}" if flow.comment else result
+        prompt = f" · prompt {verdict.prompt_tokens} tok" if verdict and verdict.prompt_tokens is not None else ""
+        snapshot_tokens = ""
+        if verdict is not None and verdict.snapshot_tokens is not None:
+            kind = "exact" if verdict.snapshot_tokens.exact else "estimated"
+            snapshot_tokens = f" · snapshot {verdict.snapshot_tokens.count} tok ({kind})"
+        detail = f" - {verdict.detail}" if verdict is not None and verdict.verdict != "hit" else ""
+        logger.info(
+            "chat %s in %.2f s · snap %s · %s · diff %s%s%s · %s%s",
+            status,
+            time.perf_counter() - chat.started,
+            _short(chat.snapshot.commit),
+            human_bytes(chat.snapshot.size),
+            human_bytes(chat.diff_bytes),
+            prompt,
+            snapshot_tokens,
+            result if verdict is not None else f"no verdict ({result})",
+            detail,
         )
 
     async def _health(self, settings: Settings, provider: ContextProvider) -> http.Response:
@@ -379,6 +532,7 @@ class ScoutDiffCache:
                 "left_out": context.diff.left_out_files,
             },
             snapshot_builds=provider.snapshot_builds,
+            cache=self.tracker.recent_summary(),
         )
         return json_response(200, report)
 
@@ -412,6 +566,50 @@ def _annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBod
         f"snap {_short(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "
         f"diff {human_bytes(context.diff.size)}"
     )
+
+
+@dataclass
+class ChatFlow:
+    """A rewritten chat request on its way: what was sent, for the verdict on its answer."""
+
+    snapshot: Snapshot
+    diff_bytes: int
+    history: SendHistory
+    base_url: str
+    model: str | None
+    usage_added: bool
+    messages_bytes: int
+    started: float
+    authorization: str | None = None
+    tap: StreamUsageTap | None = None
+
+
+def _add_context_headers(headers: http.Headers, chat: ChatFlow) -> None:
+    headers["x-scout-snapshot-commit"] = chat.snapshot.commit or "unborn"
+    headers["x-scout-snapshot-bytes"] = str(chat.snapshot.size)
+    headers["x-scout-diff-bytes"] = str(chat.diff_bytes)
+    headers["x-scout-cache-expected"] = chat.history.expectation()
+
+
+def _verdict_header(verdict: CacheVerdict) -> str:
+    """'hit; cached_tokens=..; prompt_tokens=..; snapshot_tokens=..; snapshot_tokens_exact=..; cause=".."'."""
+    parts: list[str] = [verdict.verdict]
+    for name, value in (
+        ("cached_tokens", verdict.cached_tokens),
+        ("prompt_tokens", verdict.prompt_tokens),
+        ("snapshot_tokens", verdict.snapshot_tokens.count if verdict.snapshot_tokens else None),
+    ):
+        if value is not None:
+            parts.append(f"{name}={value}")
+    if verdict.snapshot_tokens is not None:
+        parts.append(f"snapshot_tokens_exact={str(verdict.snapshot_tokens.exact).lower()}")
+    if verdict.cause:
+        parts.append(f'cause="{verdict.cause}"')
+    return "; ".join(parts)
+
+
+def _string_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _options_error(message: str) -> exceptions.OptionsError:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .gitrepo import GitRepo
+from .metrics import ProxyMetrics
 from .snapshot import Snapshot, SnapshotLimits, build_snapshot
 from .watcher import ChangeMonitor, Generation
 from .workdiff import DiffLimits, WorkingDiff, build_working_diff
@@ -38,9 +39,15 @@ class _WorkState:
 
 class ContextProvider:
     def __init__(
-        self, repo: GitRepo, monitor: ChangeMonitor, snapshot_limits: SnapshotLimits, diff_limits: DiffLimits
+        self,
+        repo: GitRepo,
+        monitor: ChangeMonitor,
+        snapshot_limits: SnapshotLimits,
+        diff_limits: DiffLimits,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         self.repo = repo
+        self.metrics = metrics or ProxyMetrics()
         self.monitor = monitor
         self.snapshot_limits = snapshot_limits
         self.diff_limits = diff_limits
@@ -59,11 +66,15 @@ class ContextProvider:
         """The snapshot of ``commit``, built at most once however many requests ask at the same time."""
         if commit in self._snapshots:
             self._snapshots.move_to_end(commit)
+            self.metrics.snapshot_lookup("hit")
             return self._snapshots[commit]
         task = self._builds.get(commit)
         if task is None:
+            self.metrics.snapshot_lookup("miss")
             task = asyncio.create_task(self._build(commit), name=f"scout snapshot {commit}")
             self._builds[commit] = task
+        else:
+            self.metrics.snapshot_lookup("wait")
         return await asyncio.shield(task)
 
     async def _build(self, commit: str | None) -> Snapshot:
@@ -73,6 +84,7 @@ class ContextProvider:
         finally:
             del self._builds[commit]
         self.snapshot_builds += 1
+        self.metrics.snapshot_built(snapshot, time.perf_counter() - started)
         self._snapshots[commit] = snapshot
         while len(self._snapshots) > KEPT_SNAPSHOTS:
             self._snapshots.popitem(last=False)

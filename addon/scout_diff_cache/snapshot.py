@@ -212,3 +212,45 @@ def build_snapshot(repo: GitRepo, commit: str | None, limits: SnapshotLimits) ->
         finally:
             blobs.close()
     return render_snapshot(commit, content, limits)
+
+
+_FILE_MARK = b'<file path=\\"'  # how a file block starts inside the JSON-encoded message
+_SYMLINK_MARK = b'<symlink path=\\"'
+_COMPARE_BLOCK = 1 << 20
+
+
+def path_at(message_json: bytes, offset: int) -> str | None:
+    """The path of the file or symlink block that holds byte ``offset`` of a snapshot message."""
+    start = max(message_json.rfind(_FILE_MARK, 0, offset + 1), message_json.rfind(_SYMLINK_MARK, 0, offset + 1))
+    if start < 0:
+        return None
+    literal_start = message_json.index(b"=", start) + 1
+    end = message_json.find(b">", literal_start)
+    literal = message_json[literal_start:end].removesuffix(b"/")
+    for candidate in (literal, literal.rpartition(b" target=")[0]):  # a symlink's line ends with its target
+        try:
+            # The JSON-escaped form of quoted(path): unescape once for the literal, once for the path.
+            value = json.loads(json.loads(b'"' + candidate + b'"'))
+        except ValueError:
+            continue
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def common_prefix_length(a: bytes, b: bytes) -> int:
+    """How many leading bytes ``a`` and ``b`` share (block compares, then a bisection: 40 MB in ms)."""
+    limit = min(len(a), len(b))
+    start = 0
+    while start < limit and a[start : start + _COMPARE_BLOCK] == b[start : start + _COMPARE_BLOCK]:
+        start += _COMPARE_BLOCK
+    if start >= limit:
+        return limit
+    low, high = start, min(start + _COMPARE_BLOCK, limit)  # a[:low] == b[:low]; they differ before high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low if a[low] != b[low] else high
