@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode
 
@@ -31,13 +31,14 @@ from .config import (
     resolve_config_path,
     setting_help,
 )
+from .contentview import CHAT_VIEW
 from .context import ContextProvider, RepoContext, human_bytes
 from .errors import ApiError, error_response, json_response, proxy_error_response
 from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ProxyMetrics
-from .mitm_internals import install_error_envelopes, uninstall_error_envelopes
+from .mitm_internals import install_error_envelopes, remove_contentview, uninstall_error_envelopes
 from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .retention import BodyRetention
 from .routes import CHAT_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
@@ -102,6 +103,7 @@ class ScoutDiffCache:
 
     def load(self, loader: Loader) -> None:
         install_error_envelopes(self._mitmproxy_error_response)
+        contentviews.add(CHAT_VIEW)
         loader.add_option(
             CONFIG_OPTION,
             OPTIONAL_STR,
@@ -212,6 +214,7 @@ class ScoutDiffCache:
         self._stop_monitor()
         self.deadlines.stop_all()
         uninstall_error_envelopes()
+        remove_contentview(CHAT_VIEW)
 
     def _stop_monitor(self) -> None:
         if self.provider is not None:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import contentviews, ctx, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers.http import _http1
@@ -150,3 +150,14 @@ def install_error_envelopes(render: Callable[[int, str], http.Response]) -> None
 def uninstall_error_envelopes() -> None:
     _http1.make_error_response = _MITMPROXY_MAKE_ERROR_RESPONSE
     ErrorCode.http_status_code = _MITMPROXY_HTTP_STATUS_CODE  # type: ignore[method-assign]
+
+
+def remove_contentview(view: contentviews.Contentview) -> None:
+    """Take a view out of mitmproxy's registry (``contentviews.add(view)`` put it in).
+
+    mitmproxy 12.3 has no public call for this (``contentviews.remove`` is a no-op kept for
+    old-style views), so the registry's own dict is used, and only if it holds this instance.
+    """
+    views = contentviews.registry._by_name
+    if views.get(view.name.lower()) is view:
+        del views[view.name.lower()]
