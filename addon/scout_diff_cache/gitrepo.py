@@ -74,6 +74,36 @@ class RawChange:
     path: bytes
 
 
+# Every patch the proxy sends is made with these: the same bytes whatever the user's git config.
+PATCH_FLAGS = (
+    "-p",
+    "--full-index",
+    "--no-renames",
+    "--no-color",
+    "--no-ext-diff",
+    "--no-textconv",
+    "--src-prefix=a/",
+    "--dst-prefix=b/",
+    "--no-relative",
+    "-U3",
+    "--inter-hunk-context=0",
+    "--diff-algorithm=myers",
+    "--ignore-submodules=none",
+)
+
+
+def _parse_raw(out: bytes) -> list[RawChange]:
+    """``git diff-index``/``diff-tree -r -z`` raw output as entries."""
+    fields = iter(out.split(b"\0"))
+    changes = []
+    for meta in fields:
+        if not meta.startswith(b":"):
+            continue
+        old_mode, new_mode, old_oid, new_oid, status = meta[1:].decode().split()
+        changes.append(RawChange(status[:1], old_mode, new_mode, old_oid, new_oid, next(fields)))
+    return changes
+
+
 def _git_env(toplevel: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
     env.update(
@@ -217,15 +247,7 @@ class GitRepo:
 
     def changed_paths(self, commit: str) -> list[RawChange]:
         """Paths whose working-tree state differs from the commit (tracked files only)."""
-        out = self.run("diff-index", "-z", "--no-renames", "--ignore-submodules=none", commit, "--")
-        fields = iter(out.split(b"\0"))
-        changes = []
-        for meta in fields:
-            if not meta.startswith(b":"):
-                continue
-            old_mode, new_mode, old_oid, new_oid, status = meta[1:].decode().split()
-            changes.append(RawChange(status[:1], old_mode, new_mode, old_oid, new_oid, next(fields)))
-        return changes
+        return _parse_raw(self.run("diff-index", "-z", "--no-renames", "--ignore-submodules=none", commit, "--"))
 
     def blob_sizes(self, oids: Sequence[str]) -> dict[str, int]:
         """Sizes of the given blobs (``git cat-file --batch-check``); missing objects are left out."""
@@ -241,34 +263,48 @@ class GitRepo:
 
     def patch(self, commit: str, paths: Sequence[bytes]) -> bytes:
         """``git diff-index -p`` of the working tree against the commit, limited to the given paths."""
+        return self._chunked_patch(["diff-index", commit], paths)
+
+    def _chunked_patch(self, command: list[str], paths: Sequence[bytes]) -> bytes:
+        """A patch with pinned, machine-independent flags, for the paths in batches of 500."""
         if not paths:
             return b""
+        subcommand, *revisions = command
         out = []
         for start in range(0, len(paths), 500):
             chunk = [os.fsdecode(p) for p in paths[start : start + 500]]
-            out.append(
-                self.run(
-                    "--literal-pathspecs",
-                    "diff-index",
-                    "-p",
-                    "--full-index",
-                    "--no-renames",
-                    "--no-color",
-                    "--no-ext-diff",
-                    "--no-textconv",
-                    "--src-prefix=a/",
-                    "--dst-prefix=b/",
-                    "--no-relative",
-                    "-U3",
-                    "--inter-hunk-context=0",
-                    "--diff-algorithm=myers",
-                    "--ignore-submodules=none",
-                    commit,
-                    "--",
-                    *chunk,
-                )
-            )
+            out.append(self.run("--literal-pathspecs", subcommand, *PATCH_FLAGS, *revisions, "--", *chunk))
         return b"".join(out)
+
+    def first_parent_depth(self, commit: str) -> int:
+        """Commits before ``commit`` on its first-parent chain (0 for a root; counts what a shallow clone has)."""
+        return int(self.run("rev-list", "--first-parent", "--count", commit, "--").decode()) - 1
+
+    def first_parent_ancestor(self, commit: str, steps: int) -> str:
+        """The commit ``steps`` first-parent steps before ``commit``."""
+        out = self.run("rev-list", "--first-parent", f"--skip={steps}", "--max-count=1", commit, "--")
+        return out.decode().strip()
+
+    def first_parent_chain(self, base: str, head: str) -> list[str]:
+        """The commits after ``base`` up to ``head`` along the first-parent chain, oldest first."""
+        out = self.run("rev-list", "--first-parent", "--reverse", f"{base}..{head}", "--")
+        return out.decode().split()
+
+    def commit_parent_and_message(self, commit: str) -> tuple[str | None, bytes]:
+        """The commit's first parent (None for a root) and its raw message."""
+        raw = self.run("cat-file", "commit", commit)
+        headers, _, message = raw.partition(b"\n\n")
+        parents = [line.split()[1].decode() for line in headers.split(b"\n") if line.startswith(b"parent ")]
+        return (parents[0] if parents else None), message
+
+    def commit_changes(self, parent: str, commit: str) -> list[RawChange]:
+        """What ``commit`` changed against ``parent``, as raw entries."""
+        out = self.run("diff-tree", "-r", "-z", "--no-renames", "--ignore-submodules=none", parent, commit, "--")
+        return _parse_raw(out)
+
+    def commit_patch(self, parent: str, commit: str, paths: Sequence[bytes]) -> bytes:
+        """``git diff-tree -p`` between two commits, limited to the given paths."""
+        return self._chunked_patch(["diff-tree", "-r", parent, commit], paths)
 
     def untracked_paths(self) -> list[bytes]:
         """Untracked files that are not ignored (``.gitignore``, ``info/exclude``, core.excludesFile)."""
