@@ -24,8 +24,9 @@ from mitmproxy.test import taddons, tflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from scout_diff_cache.contentview import CHAT_VIEW, METADATA_KEY, VIEW_NAME
+from scout_diff_cache.contentview import CHAT_VIEW, VIEW_NAME
 from scout_diff_cache.exclusions import PathFilter
+from scout_diff_cache.flowdata import METADATA_KEY
 from scout_diff_cache.gitrepo import GitRepo
 from scout_diff_cache.mitm_internals import remove_contentview
 from scout_diff_cache.prompt import assemble_body, parse_chat_request

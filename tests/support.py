@@ -28,7 +28,8 @@ SETTING_ENV_NAMES = (
     "GIT_REPO_PATH", "TARGET_API_KEY", "MAX_FILE_BYTES", "MAX_SNAPSHOT_BYTES", "MAX_DIFF_BYTES", "INJECT_CONTEXT",
     "EXCLUDE_PATH_PATTERNS", "USE_DEFAULT_EXCLUDES", "UPSTREAM_TIMEOUT_MS", "MODEL_ID", "UPSTREAM_MODEL",
     "UPSTREAM_CONNECT_TIMEOUT_MS", "PROXY_API_KEY", "ALLOW_REMOTE_WITHOUT_KEY", "STREAM_USAGE",
-    "COUNT_SNAPSHOT_TOKENS", "KEEP_FULL_BODIES",
+    "COUNT_SNAPSHOT_TOKENS", "KEEP_FULL_BODIES", "LAYOUT", "BASE_EVERY_COMMITS", "MAX_TAIL_PERCENT",
+    "HISTORY_FULL_FILES", "PREWARM",
     "SCOUT_CONFIG",
 )  # fmt: skip
 
@@ -181,6 +182,7 @@ def raw_messages(body: bytes) -> list[bytes]:
 
 
 CHARS_PER_TOKEN = 4
+BOS = "<|begin_of_text|>"
 
 
 class FakePrefixCache:
@@ -197,7 +199,7 @@ class FakePrefixCache:
 
     @staticmethod
     def render(payload: dict[str, Any], generation_prompt: bool = True) -> str:
-        parts = ["<|begin_of_text|>"]
+        parts = [BOS]
         if payload.get("tools"):
             parts.append(
                 "<|header_start|>system<|header_end|>\n\nEnvironment: ipython\n" + json.dumps(payload["tools"])
@@ -352,10 +354,14 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             prompt = FakePrefixCache.render(payload, generation_prompt=payload.get("add_generation_prompt", True))
             self._send_json(200, {"count": FakePrefixCache.tokens(prompt), "max_model_len": 10_000_000})
         elif behaviour.engine == "llamacpp" and path == "/apply-template":
-            generation_prompt = payload.get("add_generation_prompt", True)
-            self._send_json(200, {"prompt": FakePrefixCache.render(payload, generation_prompt=generation_prompt)})
+            # Like llama.cpp: the prompt without the BOS text, which /tokenize adds with add_special.
+            prompt = FakePrefixCache.render(payload, generation_prompt=payload.get("add_generation_prompt", True))
+            self._send_json(200, {"prompt": prompt.removeprefix(BOS)})
         elif behaviour.engine == "llamacpp" and path == "/tokenize":
-            self._send_json(200, {"tokens": [0] * FakePrefixCache.tokens(str(payload.get("content", "")))})
+            content = str(payload.get("content", ""))
+            if payload.get("add_special") is True:
+                content = BOS + content
+            self._send_json(200, {"tokens": [0] * FakePrefixCache.tokens(content)})
         else:
             self._send_json(404, {"error": {"message": f"no {path} here"}})
 
@@ -557,7 +563,8 @@ def run_proxy(
 ) -> Iterator[Proxy]:
     """Start ``mitmdump -s addon/scout.py`` in reverse mode in front of ``upstream_url``; stop it after.
 
-    ``program="mitmweb"`` starts mitmweb instead (no browser opened; its web options go in extra_args).
+    ``program="mitmweb"`` starts mitmweb instead (no browser opened; its web options go in extra_args)
+    and waits for its web server as well.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -580,6 +587,11 @@ def run_proxy(
     try:
         if wait:
             wait_until_listening(proxy)
+        deadline = time.monotonic() + 30
+        while wait and program == "mitmweb" and "Web server listening at" not in proxy.log():
+            if time.monotonic() > deadline or process.poll() is not None:  # it starts after the proxy
+                raise AssertionError(f"mitmweb's web server did not start:\n{proxy.log()}")
+            time.sleep(0.05)
         yield proxy
     finally:
         stop_process(process)

@@ -224,17 +224,13 @@ def test_with_stream_usage_off_streams_go_as_asked_without_a_verdict(
 
 
 @pytest.mark.parametrize("engine_upstream", ["sglang"], indirect=True)
-def test_a_commit_that_changes_a_file_mid_snapshot_is_a_partial_hit_naming_it(
+def test_per_commit_a_commit_that_changes_a_file_mid_snapshot_is_a_partial_hit_naming_it(
     engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo
 ) -> None:
-    proxy = proxy_for(engine_upstream)
+    proxy = proxy_for(engine_upstream, LAYOUT="per-commit")
     ask(proxy)
     ask(proxy)
-    repo.write({"m_middle.py": "MIDDLE = 2\n" * 50})
-    repo.commit_all("change the middle")
-    deadline = time.monotonic() + 10
-    while proxy.get("/health").json()["head"] != repo.head() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    commit_and_wait(proxy, repo, {"m_middle.py": "MIDDLE = 2\n" * 50})
     result = ask(proxy)
     assert result.headers["x-scout-cache-expected"] == "miss; new commit"
     assert verdict_of(result) == "partial"
@@ -242,6 +238,33 @@ def test_a_commit_that_changes_a_file_mid_snapshot_is_a_partial_hit_naming_it(
     line = wait_for_log(proxy, "(partial: new commit)").splitlines()[-1]
     assert "it changes at m_middle.py" in proxy.log()
     assert "near m_middle.py" in proxy.log(), line
+
+
+@pytest.mark.parametrize("engine_upstream", ["sglang"], indirect=True)
+def test_append_only_the_same_commit_keeps_the_snapshot_cached(
+    engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo
+) -> None:
+    proxy = proxy_for(engine_upstream)  # LAYOUT=append, the default
+    ask(proxy)
+    before = ask(proxy)
+    commit_and_wait(proxy, repo, {"m_middle.py": "MIDDLE = 2\n" * 50})
+    result = ask(proxy)
+    assert result.headers["x-scout-cache-expected"] == "miss; new commit"
+    assert verdict_of(result) == "hit"  # all but the new history block, a few hundred bytes
+    fields = header_fields(result)
+    # Everything before the appended block is reused: the whole previous snapshot, less a token or two.
+    assert int(fields["cached_tokens"]) >= 0.99 * int(header_fields(before)["snapshot_tokens"])
+    assert result.headers["x-scout-base-commit"] == before.headers["x-scout-snapshot-commit"]
+    assert result.headers["x-scout-snapshot-commit"] == repo.head()
+    wait_for_log(proxy, "+ 1 commits")  # the build's log line: base + the new commit's block
+
+
+def commit_and_wait(proxy: Proxy, repo: Repo, files: dict[str, str]) -> None:
+    repo.write(files)
+    repo.commit_all("change the middle")
+    deadline = time.monotonic() + 10
+    while proxy.get("/health").json()["head"] != repo.head() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)

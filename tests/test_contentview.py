@@ -17,14 +17,13 @@ from mitmproxy.test import taddons, tflow
 
 from scout_diff_cache.contentview import (
     CHAT_VIEW,
-    METADATA_KEY,
     SMALL_MESSAGE_BYTES,
-    TRIMMED_SNAPSHOT_PREFIX,
     VIEW_NAME,
     layout_from_spans,
 )
 from scout_diff_cache.errors import ApiError, error_response
 from scout_diff_cache.exclusions import PathFilter
+from scout_diff_cache.flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
 from scout_diff_cache.gitrepo import GitRepo
 from scout_diff_cache.mitm_internals import remove_contentview
 from scout_diff_cache.prompt import assemble_body, parse_chat_request

@@ -128,6 +128,22 @@ def reference_request(body: bytes) -> dict[str, Any] | None:
     return data
 
 
+def upstream_fields(expected: dict[str, Any]) -> dict[str, Any]:
+    """The fields the upstream should get besides messages: the client's, plus usage for a stream.
+
+    With STREAM_USAGE (the default) a streamed request without ``include_usage: true`` gets it, in
+    a ``stream_options`` object kept as sent otherwise; a ``stream_options`` that is not an object
+    goes as sent, for the upstream to reject.
+    """
+    fields = {k: v for k, v in expected.items() if k != "messages"}
+    options = fields.get("stream_options")
+    if fields.get("stream") is True and (
+        options is None or (type(options) is dict and options.get("include_usage") is not True)
+    ):
+        fields["stream_options"] = {**(options or {}), "include_usage": True}
+    return fields
+
+
 def is_json_type(content_type: str | None) -> bool:
     if content_type is None:
         return True
@@ -626,7 +642,7 @@ def assert_rewritten(flow: http.HTTPFlow, body: bytes, expected: dict[str, Any],
         sent["messages"][:2], [json.loads(context.snapshot.message_json), json.loads(context.diff.message_json)]
     )
     assert same(sent["messages"][2:], expected["messages"])
-    others = {k: v for k, v in expected.items() if k != "messages"}
+    others = upstream_fields(expected)
     assert same({k: v for k, v in sent.items() if k != "messages"}, others)
     assert METADATA_KEY in flow.metadata
 
@@ -854,7 +870,7 @@ def check_live(live: Live, body: bytes, content_type: str = "application/json") 
     assert record.raw_messages()[:2] == [live.snapshot, live.diff]
     sent = strict_json(record.body)
     assert same(sent["messages"][2:], expected["messages"])
-    others = {k: v for k, v in expected.items() if k != "messages"}
+    others = upstream_fields(expected)
     assert same({k: v for k, v in sent.items() if k != "messages"}, others)
     return "forwarded"
 

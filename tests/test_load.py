@@ -1,10 +1,12 @@
 """Reliability under load: concurrency across a commit, a user's git racing us, signals, a memory soak.
 
 Every request the upstream receives is checked by one oracle (``ContextOracle``): the snapshot's
-commit is the commit the diff is against, the snapshot's files are exactly that commit's tree (as
-``git archive`` gives it), and the snapshot with the diff applied (``git apply``) is a state the
-working tree really was in. ``test_the_oracle_rejects_inconsistent_pairings`` shows it catches a
-snapshot paired with the wrong diff. The soak sends 1100 requests with a 4.5 MB snapshot (about
+files are exactly its base commit's tree (as ``git archive`` gives it), the base with the history
+blocks applied in order is the tree of the last block's commit (append-only layout; with no blocks,
+the base itself), that commit is the one the diff is against, and the result with the diff applied
+(``git apply``) is a state the working tree really was in.
+``test_the_oracle_rejects_inconsistent_pairings`` shows it catches a snapshot paired with the wrong
+diff. The soak sends 1100 requests with a 4.5 MB snapshot (about
 40 s); run with ``-s`` to see its RSS and latency figures. Everything listens on 127.0.0.1; every
 process a test starts is stopped by it.
 """
@@ -34,7 +36,7 @@ from watchdog.observers import Observer
 from scout_diff_cache.context import ContextProvider
 from scout_diff_cache.exclusions import PathFilter
 from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import PREAMBLE, SnapshotLimits, build_snapshot
+from scout_diff_cache.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
 from scout_diff_cache.watcher import ChangeMonitor
 from scout_diff_cache.workdiff import DiffLimits, build_working_diff
 from support import (
@@ -57,6 +59,10 @@ Files = dict[str, bytes]
 
 _FILE_BLOCK = re.compile(r'<file path=("(?:[^"\\]|\\.)*")>\n(.*?)</file>\n', re.DOTALL)
 _SNAPSHOT_COMMIT = re.compile(r"^<snapshot_info>\ncommit: ([0-9a-f]{40,64})\n", re.MULTILINE)
+_HISTORY_BLOCK = re.compile(
+    r'^<commit id="([0-9a-f]{40,64})"(?: parent="[0-9a-f]+")?>\n<message>\n.*?</message>\n(.*?)</commit>\n',
+    re.DOTALL | re.MULTILINE,
+)
 _DIFF_COMMIT = re.compile(r"against commit ([0-9a-f]{40,64})")
 
 
@@ -74,9 +80,20 @@ def diff_commit(diff: str) -> str:
 
 def snapshot_files(snapshot: str) -> Files:
     """The files of a snapshot, as they would be on disk (the generated repos end every file with a newline)."""
-    assert snapshot.startswith(PREAMBLE)
-    body = snapshot.removeprefix(PREAMBLE).partition("<snapshot_info>\n")[0]
+    preamble = PREAMBLE if snapshot.startswith(PREAMBLE) else APPEND_PREAMBLE
+    assert snapshot.startswith(preamble)
+    body = snapshot.removeprefix(preamble).partition("<snapshot_info>\n")[0]
     return {json.loads(path): content.encode("utf-8") for path, content in _FILE_BLOCK.findall(body)}
+
+
+def history_blocks(snapshot: str) -> list[tuple[str, str]]:
+    """(commit, patch) of each history block after the snapshot footer, oldest first."""
+    history = snapshot.partition("</snapshot_info>\n")[2]
+    blocks = _HISTORY_BLOCK.findall(history)
+    assert "".join(f"{c}" for c, _ in blocks) == "".join(re.findall(r'^<commit id="([0-9a-f]+)"', history, re.M))
+    for _, patch in blocks:
+        assert "<left_out>" not in patch, "the test repositories have nothing to leave out of a block"
+    return blocks
 
 
 def diff_patch(diff: str) -> str:
@@ -148,10 +165,13 @@ class ContextOracle:
         key = hashlib.sha256(snapshot.encode() + b"\0" + diff.encode()).hexdigest()
         if key not in self._checked:
             commit = snapshot_commit(snapshot)
-            against = diff_commit(diff)
-            assert against == commit, f"snapshot of {commit[:12]} paired with a diff against {against[:12]}"
             files = snapshot_files(snapshot)
             assert files == self.tree(commit), f"the snapshot is not the tree of {commit[:12]}"
+            for index, (commit, patch) in enumerate(history_blocks(snapshot)):
+                files = apply_patch(files, patch, self.scratch / f"{key}-history{index}")
+                assert files == self.tree(commit), f"base + history is not the tree of {commit[:12]}"
+            against = diff_commit(diff)
+            assert against == commit, f"snapshot of {commit[:12]} paired with a diff against {against[:12]}"
             self._checked[key] = (commit, apply_patch(files, diff_patch(diff), self.scratch / key))
         return self._checked[key]
 
@@ -289,7 +309,7 @@ def test_32_concurrent_clients_across_a_commit_get_consistent_context_and_one_bu
                 return
 
     def served_with(commit: str) -> int:
-        marker = f"commit: {commit}\\n".encode()  # the footer line, JSON-escaped in the body
+        marker = f"against commit {commit}".encode()  # the diff message names the commit in either layout
         return sum(marker in r.body for r in upstream.chat_requests())
 
     with ThreadPoolExecutor(clients) as pool:

@@ -35,12 +35,14 @@ from .contentview import CHAT_VIEW
 from .context import ContextProvider, RepoContext, human_bytes
 from .errors import ApiError, error_response, json_response, proxy_error_response
 from .exclusions import PathFilter
+from .flowdata import METADATA_KEY
 from .gitrepo import GitError, GitRepo
+from .history import HistoryLimits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ProxyMetrics
 from .mitm_internals import install_error_envelopes, remove_contentview, uninstall_error_envelopes
 from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
-from .retention import BodyRetention
+from .retention import BodyRetention, strip_context
 from .routes import CHAT_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
 from .snapshot import Snapshot, SnapshotLimits
 from .tokencount import CountRequest, TokenCounter
@@ -60,7 +62,6 @@ from .workdiff import DiffLimits
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "scout_diff_cache"
 MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
 MASKED_CLIENT_AUTHORIZATION = "Bearer [PROXY_API_KEY]"
 LOOPBACK = "127.0.0.1"
@@ -151,7 +152,12 @@ class ScoutDiffCache:
             monitor,
             SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
             DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
-            self.metrics,
+            metrics=self.metrics,
+            history_limits=HistoryLimits(
+                settings.base_every_commits, settings.max_tail_percent, settings.history_full_files
+            )
+            if settings.layout == "append"
+            else None,
         )
         logger.info(
             "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
@@ -371,10 +377,14 @@ class ScoutDiffCache:
         self.deadlines.start(flow, settings.upstream_timeout_ms)
 
     async def _inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
-        if flow.is_replay == "request" and METADATA_KEY in flow.metadata:
-            logger.info("replayed chat request: its body already carries the context, sent as is")
-            return
         started = time.perf_counter()
+        body = flow.request.get_content(strict=False) or b""
+        if flow.is_replay == "request" and METADATA_KEY in flow.metadata:
+            replayed = _replayed_client_body(flow)
+            if replayed is None:
+                logger.info("replayed chat request: edited in mitmweb, sent as it is now")
+                return
+            body = replayed  # the client's part; the context is injected afresh below
         content_type = flow.request.headers.get("content-type")
         if content_type is not None and not is_json_media_type(content_type):
             raise ApiError(
@@ -384,7 +394,7 @@ class ScoutDiffCache:
                 "unsupported_media_type",
             )
         try:
-            chat = parse_chat_request(flow.request.get_content(strict=False) or b"")
+            chat = parse_chat_request(body)
         except BadRequest as e:
             raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
         usage_added = settings.stream_usage and ask_for_stream_usage(chat.fields)
@@ -546,6 +556,28 @@ class ScoutDiffCache:
             flow.request.headers["authorization"] = MASKED_AUTHORIZATION
 
 
+def _replayed_client_body(flow: http.HTTPFlow) -> bytes | None:
+    """A replayed flow's own body less the context it was sent with, or None if it was edited.
+
+    Every replay gets the context as it is now: a stored flow may have had its snapshot trimmed
+    from memory, and a placeholder must never reach the upstream.
+    """
+    record = flow.metadata[METADATA_KEY]
+    try:
+        return strip_context(flow.request.raw_content or b"", (record["snapshot_span"], record["diff_span"]))
+    except (ValueError, KeyError, TypeError):
+        if record.get("snapshot_trimmed"):
+            raise ApiError(
+                400,
+                "this replayed flow was edited after its snapshot was trimmed from memory "
+                "(KEEP_FULL_BODIES), so its context cannot be told apart from the client's messages; "
+                "send the request again instead",
+                "invalid_request_error",
+                "trimmed_flow_edited",
+            ) from None
+        return None
+
+
 async def _context_or_error(provider: ContextProvider) -> RepoContext:
     try:
         return await provider.current()
@@ -589,6 +621,7 @@ class ChatFlow:
 
 def _add_context_headers(headers: http.Headers, chat: ChatFlow) -> None:
     headers["x-scout-snapshot-commit"] = chat.snapshot.commit or "unborn"
+    headers["x-scout-base-commit"] = chat.snapshot.base_commit or "unborn"
     headers["x-scout-snapshot-bytes"] = str(chat.snapshot.size)
     headers["x-scout-diff-bytes"] = str(chat.diff_bytes)
     headers["x-scout-cache-expected"] = chat.history.expectation()
@@ -609,6 +642,12 @@ def _verdict_header(verdict: CacheVerdict) -> str:
     if verdict.cause:
         parts.append(f'cause="{verdict.cause}"')
     return "; ".join(parts)
+
+
+def _history_limits(settings: Settings) -> HistoryLimits | None:
+    if settings.layout != "append":
+        return None
+    return HistoryLimits(settings.base_every_commits, settings.max_tail_percent, settings.history_full_files)
 
 
 def _string_or_none(value: object) -> str | None:

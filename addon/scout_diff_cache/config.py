@@ -96,6 +96,28 @@ class Settings(BaseModel):
         description="Ask the upstream's /tokenize once per snapshot for its exact token count "
         "(else it is estimated from each answer's prompt_tokens).",
     )
+    layout: Literal["append", "per-commit"] = Field(
+        "append",
+        description="append: a base snapshot plus one block per commit since it (a commit only appends); "
+        "per-commit: a fresh snapshot of every commit.",
+    )
+    base_every_commits: int = Field(
+        128, ge=1, description="append layout: the base moves to HEAD's first-parent ancestor at every E-th commit."
+    )
+    max_tail_percent: int = Field(
+        10,
+        ge=0,
+        description="append layout: a history tail larger than this share of the base's files moves the base "
+        "closer (E halved until it fits).",
+    )
+    history_full_files: bool = Field(
+        False, description="append layout: commit blocks carry the full new text of changed files, not patches."
+    )
+    prewarm: bool = Field(
+        False,
+        description="When HEAD gets a new base (per-commit: every commit), send one max_tokens=1 request "
+        "so the upstream caches it before the next question.",
+    )
     keep_full_bodies: int = Field(
         10,
         ge=0,
@@ -109,6 +131,8 @@ class Settings(BaseModel):
         "allow_remote_without_key",
         "stream_usage",
         "count_snapshot_tokens",
+        "history_full_files",
+        "prewarm",
         mode="before",
     )
     @classmethod

@@ -25,6 +25,7 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.contentviews import Contentview, Metadata
 
+from .flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
 from .prompt import is_json_media_type
 from .routes import CHAT_PATH, route_path
 from .snapshot import PREAMBLE, system_message_json
@@ -32,8 +33,6 @@ from .sse import iter_event_data
 from .text import display
 
 VIEW_NAME = "Scout chat"
-METADATA_KEY = "scout_diff_cache"  # the addon's key in flow.metadata
-TRIMMED_SNAPSHOT_PREFIX = "[scout-diff-cache: snapshot"
 CHAT_PRIORITY = 2.0  # above the JSON view's 1
 SSE_MEDIA_TYPE = "text/event-stream"
 

@@ -15,8 +15,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .gitrepo import GitRepo
+from .history import History, HistoryLimits
 from .metrics import ProxyMetrics
-from .snapshot import Snapshot, SnapshotLimits, build_snapshot
+from .snapshot import APPEND_PREAMBLE, Snapshot, SnapshotLimits, build_snapshot, with_history
 from .watcher import ChangeMonitor, Generation
 from .workdiff import DiffLimits, WorkingDiff, build_working_diff
 
@@ -44,9 +45,13 @@ class ContextProvider:
         monitor: ChangeMonitor,
         snapshot_limits: SnapshotLimits,
         diff_limits: DiffLimits,
+        *,
         metrics: ProxyMetrics | None = None,
+        history_limits: HistoryLimits | None = None,
     ) -> None:
         self.repo = repo
+        # None: the per-commit layout (every commit is its own base, no history).
+        self.history = History(repo, snapshot_limits, history_limits) if history_limits else None
         self.metrics = metrics or ProxyMetrics()
         self.monitor = monitor
         self.snapshot_limits = snapshot_limits
@@ -57,6 +62,8 @@ class ContextProvider:
         self._state_task: tuple[Generation, asyncio.Task[_WorkState]] | None = None
         self._snapshots: OrderedDict[str | None, Snapshot] = OrderedDict()
         self._builds: dict[str | None, asyncio.Task[Snapshot]] = {}
+        self._bases: OrderedDict[str, Snapshot] = OrderedDict()
+        self._base_builds: dict[str, asyncio.Task[Snapshot]] = {}
 
     async def current(self) -> RepoContext:
         state = await self._work_state()
@@ -80,7 +87,10 @@ class ContextProvider:
     async def _build(self, commit: str | None) -> Snapshot:
         started = time.perf_counter()
         try:
-            snapshot = await asyncio.to_thread(build_snapshot, self.repo, commit, self.snapshot_limits)
+            if self.history is None or commit is None:
+                snapshot = await asyncio.to_thread(build_snapshot, self.repo, commit, self.snapshot_limits)
+            else:
+                snapshot = await self._with_history(commit)
         finally:
             del self._builds[commit]
         self.snapshot_builds += 1
@@ -88,16 +98,49 @@ class ContextProvider:
         self._snapshots[commit] = snapshot
         while len(self._snapshots) > KEPT_SNAPSHOTS:
             self._snapshots.popitem(last=False)
+        base = ""
+        if snapshot.tail_commits:
+            base = f", base {(snapshot.base_commit or '')[:12]} + {snapshot.tail_commits} commits"
         logger.info(
-            "snapshot %s built in %.2f s: %d files, %d symlinks, %d left out, %s",
+            "snapshot %s built in %.2f s: %d files, %d symlinks, %d left out, %s%s",
             (commit or "(no commits)")[:12],
             time.perf_counter() - started,
             snapshot.file_count,
             snapshot.symlink_count,
             snapshot.skipped_count,
             human_bytes(snapshot.size),
+            base,
         )
         return snapshot
+
+    async def _with_history(self, head: str) -> Snapshot:
+        """Append-only layout: the base snapshot (built once per base) and the blocks after it."""
+        assert self.history is not None
+        tail = await asyncio.to_thread(self.history.tail_for, head)
+        base = await self._base(tail.base)
+        if not tail.commits:
+            return base
+        return await asyncio.to_thread(with_history, base, head, list(zip(tail.commits, tail.blocks, strict=True)))
+
+    async def _base(self, commit: str) -> Snapshot:
+        if commit in self._bases:
+            self._bases.move_to_end(commit)
+            return self._bases[commit]
+        task = self._base_builds.get(commit)
+        if task is None:
+            task = asyncio.create_task(self._build_base(commit), name=f"scout base snapshot {commit}")
+            self._base_builds[commit] = task
+        return await asyncio.shield(task)
+
+    async def _build_base(self, commit: str) -> Snapshot:
+        try:
+            base = await asyncio.to_thread(build_snapshot, self.repo, commit, self.snapshot_limits, APPEND_PREAMBLE)
+        finally:
+            del self._base_builds[commit]
+        self._bases[commit] = base
+        while len(self._bases) > KEPT_SNAPSHOTS:
+            self._bases.popitem(last=False)
+        return base
 
     async def _work_state(self) -> _WorkState:
         if not (self.repo.toplevel.is_dir() and self.repo.git_dir.is_dir()):

@@ -1,13 +1,178 @@
-"""Keep only the last N chat flows' full request bodies in memory (mitmweb stores every flow)."""
+"""Keep only the last N chat flows' full request bodies in memory (mitmweb stores every flow).
+
+mitmweb's flow store (the View addon) holds every flow it has seen, multi-megabyte request bodies
+included, and nothing ever evicts them. Once a chat flow is done and ``keep`` newer chat flows
+have finished after it, its snapshot message is replaced in the stored body by a short
+placeholder, and mitmproxy is told (the ``update`` hook) so the web UI shows the smaller body.
+
+Under mitmdump no flow store exists and flows die when their connection ends: nothing is tracked
+there. Flows are tracked through weak references only, so a flow the user deletes or clears in
+mitmweb is freed as before.
+"""
 
 from __future__ import annotations
 
-from mitmproxy import http
+import logging
+import weakref
+from collections.abc import Sequence
+from itertools import islice, pairwise
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.addons.view import View
+from mitmproxy.hooks import UpdateHook
+
+from .context import human_bytes
+from .flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
+from .snapshot import system_message_json
+
+logger = logging.getLogger(__name__)
+
+# Every context message is system_message_json(text): the bytes around its JSON-encoded content.
+_MESSAGE_HEAD, _, _MESSAGE_TAIL = system_message_json("\0").partition(b"\\u0000")
 
 
 class BodyRetention:
+    """Trims the snapshot out of stored chat flows that fall out of the last-``keep`` window."""
+
     def __init__(self, keep: int) -> None:
         self.keep = keep
+        # Done chat flows by id, oldest first; weak values: a flow freed elsewhere drops out.
+        self._done: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
 
     def flow_done(self, flow: http.HTTPFlow) -> None:
         """A chat flow the addon rewrote has ended (answered, failed or cut off)."""
+        store = _flow_store()
+        if store is None or store.get_by_id(flow.id) is not flow:
+            return  # mitmdump: no flow store, the flow is freed when its connection ends
+        self._done.pop(flow.id, None)  # a replayed flow moves to the newest place
+        self._done[flow.id] = flow
+        excess = len(self._done) - self.keep
+        if excess <= 0:
+            return
+        trimmed = []
+        for flow_id, old in list(islice(self._done.items(), excess)):
+            if old is not flow and (old.live or (old.response is None and old.error is None)):
+                continue  # still sending its response or queued for a replay: tried again next time
+            del self._done[flow_id]
+            if store.get_by_id(flow_id) is old and _trim(old, self.keep):
+                trimmed.append(old)
+        if trimmed:
+            ctx.master.addons.trigger(UpdateHook(trimmed))  # the web UI shows the new bodies
+
+
+def _flow_store() -> View | None:
+    """mitmweb's (and the console's) flow store; None under mitmdump, which keeps no flows."""
+    master = getattr(ctx, "master", None)
+    store = master.addons.get("view") if master is not None else None
+    return store if isinstance(store, View) else None
+
+
+def placeholder_text(record: dict[str, Any], keep: int) -> str:
+    """What replaces the snapshot message's content in a trimmed flow."""
+    commit = record.get("commit") or "none (unborn HEAD)"
+    size = int(record["snapshot_bytes"])
+    kept = (
+        f"only the last {keep} chat flows keep their full request bodies"
+        if keep
+        else "no chat flow keeps its full request body"
+    )
+    return (
+        f"{TRIMMED_SNAPSHOT_PREFIX} of commit {commit}, {human_bytes(size)} ({size} bytes), "
+        f"{record['snapshot_files']} files, removed from this stored flow to save memory (the request "
+        f"was built with it in full); {kept} (setting KEEP_FULL_BODIES). A replay sends the current snapshot.]"
+    )
+
+
+def _trim(flow: http.HTTPFlow, keep: int) -> bool:
+    """Replace the snapshot message in the stored body by a placeholder; False if left alone."""
+    record = flow.metadata.get(METADATA_KEY)
+    if not isinstance(record, dict) or record.get("snapshot_trimmed"):
+        return False
+    # raw_content, not content: the addon sent the body without content-encoding, so both are the
+    # same bytes, and assigning raw_content leaves the headers alone. Content-Length keeps saying
+    # what was actually sent upstream; the stored body is a record, never sent as is (a replay
+    # goes through the addon, which rebuilds the body and its Content-Length).
+    body = flow.request.raw_content
+    start, end = record["snapshot_span"]
+    if (
+        body is None
+        or len(body) != record["body_bytes"]
+        or "content-encoding" in flow.request.headers
+        or not _holds_message(body, start, end)
+    ):
+        logger.info("flow %s: request body changed since it was sent (edited?); its snapshot is kept", flow.id)
+        return False
+    placeholder = system_message_json(placeholder_text(record, keep))
+    trimmed = body[:start] + placeholder + body[end:]
+    shift = len(placeholder) - (end - start)
+    diff_start, diff_end = record["diff_span"]
+    if diff_start >= end:
+        diff_start, diff_end = diff_start + shift, diff_end + shift
+    updated = {
+        **record,
+        "snapshot_span": (start, start + len(placeholder)),
+        "diff_span": (diff_start, diff_end),
+        "snapshot_trimmed": True,
+        "trimmed_body_bytes": len(trimmed),
+    }
+    _trim_backup(flow, body, trimmed, updated)
+    flow.request.raw_content = trimmed
+    flow.metadata[METADATA_KEY] = updated
+    logger.debug(
+        "flow %s: snapshot trimmed from the stored request body (%s -> %s)",
+        flow.id,
+        human_bytes(len(body)),
+        human_bytes(len(trimmed)),
+    )
+    return True
+
+
+def _trim_backup(flow: http.HTTPFlow, body: bytes, trimmed: bytes, record: dict[str, Any]) -> None:
+    """Trim mitmproxy's revert copy too when it holds this very body (a marked or replayed flow).
+
+    mitmweb backs a flow up before a mark, an edit or a replay; the backup shares the body's bytes,
+    so without this the full body would stay in memory. A backup holding another body is left alone.
+    """
+    backup = getattr(flow, "_backup", None)  # private: the state dict Flow.revert() restores
+    if not isinstance(backup, dict):
+        return
+    request = backup.get("request")
+    if isinstance(request, dict) and request.get("content") is body:
+        request["content"] = trimmed
+        backup["metadata"][METADATA_KEY] = dict(record)
+
+
+def _holds_message(body: bytes, start: int, end: int) -> bool:
+    """Whether ``body[start:end]`` is a context message, an element of the ``messages`` array."""
+    return (
+        0 < start < end < len(body)
+        and body.startswith(_MESSAGE_HEAD, start)
+        and body.endswith(_MESSAGE_TAIL, start, end)
+        and body[start - 1 : start] in (b"[", b",")
+        and body[end : end + 1] in (b"]", b",")
+    )
+
+
+def strip_context(body: bytes, spans: Sequence[Sequence[int]]) -> bytes:
+    """The body without the context messages at ``spans``: the client's messages and fields.
+
+    For replays of stored flows (trimmed or not): the result is what the client sent, except that
+    ``model`` is as sent upstream. Raises ValueError when a span does not hold a context message.
+    """
+    ordered = sorted((int(start), int(end)) for start, end in spans)
+    for (_, previous_end), (start, _) in pairwise(ordered):
+        if start < previous_end:
+            raise ValueError(f"context spans overlap: {ordered}")
+    for start, end in ordered:
+        if not _holds_message(body, start, end):
+            raise ValueError(f"body[{start}:{end}] is not a context message in 'messages'")
+    result = bytearray(body)
+    for start, end in reversed(ordered):  # right to left: the earlier spans' offsets stay valid
+        if result[end : end + 1] == b",":
+            del result[start : end + 1]
+        elif result[start - 1 : start] == b",":
+            del result[start - 1 : end]
+        else:  # the array's only element
+            del result[start:end]
+    return bytes(result)

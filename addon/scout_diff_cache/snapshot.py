@@ -11,13 +11,14 @@ Total-size rule: blocks are taken in path order; the first block that would take
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .exclusions import PathFilter
 from .gitrepo import GitRepo, TreeEntry
-from .text import decode_text, display, is_binary, quoted
+from .text import decode_text, display, is_binary, path_text, quoted
 
 SYMLINK_MODE = "120000"
 SUBMODULE_KIND = "commit"
@@ -30,6 +31,20 @@ PREAMBLE = (
     "order. The commit id and the files that were left out, with the reason, are listed at the end. "
     "Uncommitted changes are given in the next system message as a patch against this commit; "
     "where they disagree, the patch is the current state.\n\n"
+)
+
+# The append-only layout (history.py): the same snapshot, of a base commit, then the history after it.
+APPEND_PREAMBLE = (
+    "This is a snapshot of a git repository at a base commit: the content of every text file tracked "
+    "at that commit, less excluded paths and files over the size limits. Each file appears as\n"
+    '<file path="PATH">\nCONTENT\n</file>\n'
+    "and each symbolic link as a <symlink> line naming its target. Files appear in bytewise path "
+    "order. The base commit id and the files that were left out, with the reason, follow the files. "
+    'After them comes the history since the base: one <commit id="..." parent="..."> block per commit, '
+    "oldest first, along the first-parent chain, with the commit message and the commit's changes "
+    "(a patch against its parent, or the full new text of each changed file). Base plus history is "
+    "the repository at its current commit; later blocks win. The next system message names the "
+    "current commit and gives the uncommitted changes against it.\n\n"
 )
 
 
@@ -54,6 +69,7 @@ class SnapshotContent:
     """What goes into a snapshot, before rendering: included blocks and each kind of left-out file."""
 
     blocks: list[str] = field(default_factory=list)
+    block_paths: list[bytes] = field(default_factory=list)
     file_count: int = 0
     symlink_count: int = 0
     block_bytes: int = 0
@@ -62,6 +78,15 @@ class SnapshotContent:
     excluded: list[LeftOut] = field(default_factory=list)
     over_total: list[LeftOut] = field(default_factory=list)
     submodules: list[LeftOut] = field(default_factory=list)
+
+    def add_block(self, path: bytes, block: str, size: int, symlink: bool = False) -> None:
+        self.blocks.append(block)
+        self.block_paths.append(path)
+        self.block_bytes += size
+        if symlink:
+            self.symlink_count += 1
+        else:
+            self.file_count += 1
 
 
 @dataclass(frozen=True)
@@ -72,6 +97,11 @@ class Snapshot:
     file_count: int
     symlink_count: int
     skipped_count: int
+    base_commit: str | None = None  # append-only layout: the base the history starts from
+    tail_commits: int = 0  # append-only layout: commits after the base
+    # Where each part starts in message_json, and what it is: a path, "commit <id>", or None
+    # (preamble, footer). For saying where a cache ended or two snapshots part.
+    regions: tuple[tuple[int, str | None], ...] = ()
 
     @property
     def size(self) -> int:
@@ -92,6 +122,31 @@ def symlink_block(path: bytes, target: bytes) -> str:
 def system_message_json(text: str) -> bytes:
     """A chat message, JSON-encoded once: spliced as is into every request."""
     return json.dumps({"role": "system", "content": text}, ensure_ascii=False).encode("utf-8")
+
+
+# system_message_json's bytes around the content: JSON escaping is per character, so encoding the
+# content in pieces and joining them gives the same bytes, with each piece's offset known.
+MESSAGE_HEAD = b'{"role": "system", "content": "'
+MESSAGE_END = b'"}'
+
+
+def encoded_content(text: str) -> bytes:
+    """``text`` as it appears inside a JSON string in system_message_json."""
+    return json.dumps(text, ensure_ascii=False).encode("utf-8")[1:-1]
+
+
+def encode_regions(
+    pieces: Iterable[tuple[str, str | None]], start: int
+) -> tuple[list[bytes], list[tuple[int, str | None]]]:
+    """Encode labelled pieces of a message's content; their bytes and where each starts."""
+    encoded, regions = [], []
+    offset = start
+    for text, label in pieces:
+        data = encoded_content(text)
+        encoded.append(data)
+        regions.append((offset, label))
+        offset += len(data)
+    return encoded, regions
 
 
 def select_entries(entries: Iterable[TreeEntry], limits: SnapshotLimits, content: SnapshotContent) -> list[TreeEntry]:
@@ -132,12 +187,7 @@ def fill_blocks(
         if content.block_bytes + block_size > limits.max_snapshot_bytes:
             content.over_total.extend(LeftOut(e.path, e.size) for e in entries[index:])
             return
-        content.blocks.append(block)
-        content.block_bytes += block_size
-        if entry.mode == SYMLINK_MODE:
-            content.symlink_count += 1
-        else:
-            content.file_count += 1
+        content.add_block(entry.path, block, block_size, symlink=entry.mode == SYMLINK_MODE)
 
 
 def _listing(title: str, items: Sequence[LeftOut], describe: str) -> str:
@@ -179,8 +229,16 @@ def render_footer(commit: str | None, content: SnapshotContent, limits: Snapshot
     return "".join(parts)
 
 
-def render_snapshot(commit: str | None, content: SnapshotContent, limits: SnapshotLimits) -> Snapshot:
-    text = PREAMBLE + "".join(content.blocks) + render_footer(commit, content, limits)
+def render_snapshot(
+    commit: str | None, content: SnapshotContent, limits: SnapshotLimits, preamble: str = PREAMBLE
+) -> Snapshot:
+    footer = render_footer(commit, content, limits)
+    pieces = [
+        (preamble, None),
+        *((block, path_text(path)) for block, path in zip(content.blocks, content.block_paths, strict=True)),
+        (footer, None),
+    ]
+    encoded, regions = encode_regions(pieces, len(MESSAGE_HEAD))
     skipped = sum(
         len(x)
         for x in (
@@ -193,15 +251,17 @@ def render_snapshot(commit: str | None, content: SnapshotContent, limits: Snapsh
     )
     return Snapshot(
         commit=commit,
-        text=text,
-        message_json=system_message_json(text),
+        text=preamble + "".join(content.blocks) + footer,
+        message_json=b"".join([MESSAGE_HEAD, *encoded, MESSAGE_END]),
         file_count=content.file_count,
         symlink_count=content.symlink_count,
         skipped_count=skipped,
+        base_commit=commit,
+        regions=tuple(regions),
     )
 
 
-def build_snapshot(repo: GitRepo, commit: str | None, limits: SnapshotLimits) -> Snapshot:
+def build_snapshot(repo: GitRepo, commit: str | None, limits: SnapshotLimits, preamble: str = PREAMBLE) -> Snapshot:
     """Read the commit's tree from the object database and render it (blocking; run it in a thread)."""
     content = SnapshotContent()
     if commit is not None:
@@ -211,31 +271,36 @@ def build_snapshot(repo: GitRepo, commit: str | None, limits: SnapshotLimits) ->
             fill_blocks(entries, blobs, limits, content)
         finally:
             blobs.close()
-    return render_snapshot(commit, content, limits)
+    return render_snapshot(commit, content, limits, preamble)
 
 
-_FILE_MARK = b'<file path=\\"'  # how a file block starts inside the JSON-encoded message
-_SYMLINK_MARK = b'<symlink path=\\"'
-_COMPARE_BLOCK = 1 << 20
+def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str]]) -> Snapshot:
+    """The base snapshot with the history blocks ((commit, block) pairs) appended, its JSON extended."""
+    assert base.message_json.endswith(MESSAGE_END)
+    start = len(base.message_json) - len(MESSAGE_END)
+    encoded, regions = encode_regions(((block, f"commit {commit}") for commit, block in tail_blocks), start)
+    return Snapshot(
+        commit=head,
+        text=base.text + "".join(block for _, block in tail_blocks),
+        message_json=b"".join([base.message_json[:start], *encoded, MESSAGE_END]),
+        file_count=base.file_count,
+        symlink_count=base.symlink_count,
+        skipped_count=base.skipped_count,
+        base_commit=base.commit,
+        tail_commits=len(tail_blocks),
+        regions=base.regions + tuple(regions),
+    )
 
 
-def path_at(message_json: bytes, offset: int) -> str | None:
-    """The path of the file or symlink block that holds byte ``offset`` of a snapshot message."""
-    start = max(message_json.rfind(_FILE_MARK, 0, offset + 1), message_json.rfind(_SYMLINK_MARK, 0, offset + 1))
-    if start < 0:
+def path_at(snapshot: Snapshot, offset: int) -> str | None:
+    """What holds byte ``offset`` of the snapshot's message: a path, "commit <id>", or None."""
+    index = bisect.bisect_right(snapshot.regions, offset, key=lambda region: region[0]) - 1
+    if index < 0 or offset >= len(snapshot.message_json) - len(MESSAGE_END):
         return None
-    literal_start = message_json.index(b"=", start) + 1
-    end = message_json.find(b">", literal_start)
-    literal = message_json[literal_start:end].removesuffix(b"/")
-    for candidate in (literal, literal.rpartition(b" target=")[0]):  # a symlink's line ends with its target
-        try:
-            # The JSON-escaped form of quoted(path): unescape once for the literal, once for the path.
-            value = json.loads(json.loads(b'"' + candidate + b'"'))
-        except ValueError:
-            continue
-        if isinstance(value, str):
-            return value
-    return None
+    return snapshot.regions[index][1]
+
+
+_COMPARE_BLOCK = 1 << 20
 
 
 def common_prefix_length(a: bytes, b: bytes) -> int:

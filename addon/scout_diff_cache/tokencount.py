@@ -4,8 +4,9 @@ The count is of the chat prompt up to the end of the snapshot message, as the up
 template and tokenizer make it. Two APIs are tried, in this order:
 
 - vLLM: ``POST /tokenize`` with ``{"model", "messages", "add_generation_prompt": false}`` -> ``count``;
-- llama.cpp: ``POST /apply-template`` with the messages -> ``prompt``, then ``POST /tokenize`` with
-  ``{"content": prompt, "add_special": false, "parse_special": true}`` -> ``tokens``.
+- llama.cpp: ``POST /apply-template`` with the messages -> ``prompt`` (without the BOS token), then
+  ``POST /tokenize`` with ``{"content": prompt, "add_special": true, "parse_special": true}`` -> ``tokens``
+  (BOS added, as for a chat request).
 
 An upstream that has neither (404, 405, or an answer without a count) is remembered and not
 asked again; the verdict then uses an estimate and says so. Counting runs in a daemon thread, never
@@ -53,7 +54,10 @@ def _post(request: CountRequest, path: str, body: bytes) -> object:
     http_request = urllib.request.Request(request.base_url + path, data=body, headers=headers, method="POST")
     context = None if request.verify_tls else ssl._create_unverified_context()
     with urllib.request.urlopen(http_request, timeout=COUNT_TIMEOUT_SECONDS, context=context) as response:
-        return json.loads(response.read())
+        try:
+            return json.loads(response.read())
+        except (ValueError, RecursionError):  # e.g. a catch-all HTML page: no such API here
+            raise NoCountApi(f"POST {path} answered something that is not JSON") from None
 
 
 def _messages_body(snapshot: Snapshot, extra: dict[str, object]) -> bytes:
@@ -81,7 +85,7 @@ def count_snapshot_tokens(request: CountRequest, snapshot: Snapshot) -> int:
         raise NoCountApi(f"POST /tokenize gave no count and /apply-template answered {e.code}") from None
     if not isinstance(template, dict) or not isinstance(template.get("prompt"), str):
         raise NoCountApi("POST /apply-template answered without a prompt")
-    body = json.dumps({"content": template["prompt"], "add_special": False, "parse_special": True}).encode()
+    body = json.dumps({"content": template["prompt"], "add_special": True, "parse_special": True}).encode()
     tokens = _post(request, "/tokenize", body)
     if not isinstance(tokens, dict) or not isinstance(tokens.get("tokens"), list):
         raise NoCountApi("POST /tokenize answered without tokens")
@@ -117,15 +121,13 @@ class TokenCounter:
         ).start()
 
     def _count(self, count_request: CountRequest, snapshot: Snapshot, key: tuple[str, str | None, int]) -> None:
+        count: int | None = None
         try:
             count = count_snapshot_tokens(count_request, snapshot)
         except NoCountApi as e:
-            logger.info(
-                "%s offers no token count API (%s): cache verdicts use an estimate", count_request.base_url, e
-            )
+            logger.info("%s offers no token count API (%s): cache verdicts use an estimate", count_request.base_url, e)
             with self._lock:
                 self._no_api.add(count_request.base_url)
-            return
         except Exception as e:  # a busy or failing upstream: try again later
             logger.warning(
                 "token count of snapshot %s failed (next try in %d s): %s: %s",
@@ -136,17 +138,17 @@ class TokenCounter:
             )
             with self._lock:
                 self._failed[key] = time.monotonic()
-            return
         finally:
-            with self._lock:
+            with self._lock:  # stored and no longer pending in one step: no second count can start between
                 self._pending.discard(key)
-        with self._lock:
-            self._counts[key] = count
-            self._failed.pop(key, None)
-            while len(self._counts) > KEPT_COUNTS:
-                self._counts.popitem(last=False)
-            self.counts_done += 1
-        logger.info("snapshot %s is %d tokens (upstream /tokenize)", (key[1] or "unborn")[:7], count)
+                if count is not None:
+                    self._counts[key] = count
+                    while len(self._counts) > KEPT_COUNTS:
+                        self._counts.popitem(last=False)
+                    self._failed.pop(key, None)
+                    self.counts_done += 1
+        if count is not None:
+            logger.info("snapshot %s is %d tokens (upstream /tokenize)", (key[1] or "unborn")[:7], count)
 
     @staticmethod
     def _key(base_url: str, snapshot: Snapshot) -> tuple[str, str | None, int]:

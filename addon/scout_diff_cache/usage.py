@@ -74,7 +74,7 @@ def usage_from_body(body: bytes) -> UpstreamUsage | None:
     """Usage from a non-streamed chat completion body; None if it is not JSON or carries none."""
     try:
         return usage_from_chunk(json.loads(body))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
         return None
 
 
@@ -112,9 +112,9 @@ class StreamUsageTap:
     """A mitmproxy ``response.stream`` callable: reads usage from SSE chunks as they pass.
 
     With ``remove_usage`` (the proxy asked for usage, the client did not), the chunk that only
-    carries usage (``"choices": []``) is dropped, and a ``usage`` key on any other chunk is
-    removed (that one chunk is re-encoded). Everything else goes out byte for byte. Without it,
-    chunks are passed on exactly as they arrive.
+    carries usage (``"choices": []``) is dropped, and a non-null ``usage`` on any other chunk is
+    removed (that one chunk is re-encoded as a single ``data:`` line). Everything else goes out
+    byte for byte. Without it, chunks are passed on exactly as they arrive.
     """
 
     def __init__(self, remove_usage: bool) -> None:
@@ -133,6 +133,9 @@ class StreamUsageTap:
         """
         if not chunk:
             rest = self._splitter.flush()
+            if not self.remove_usage:
+                self._read(rest)  # its bytes went out with their chunk already
+                return b""
             out = self._filter(rest) if rest.strip() else rest
             self._record(out)
             return out
@@ -152,7 +155,7 @@ class StreamUsageTap:
             return None
         try:
             parsed = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(parsed, dict):
             return None

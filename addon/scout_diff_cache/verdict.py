@@ -36,9 +36,7 @@ ESTIMATE_TOLERANCE_SHARE = 0.03
 MISS_BELOW_TOKENS = 64
 RECENT_WINDOW = 100
 
-ENGINE_HINT = (
-    "vLLM needs --enable-prompt-tokens-details, SGLang --enable-cache-report; TGI reports no cached tokens"
-)
+ENGINE_HINT = "vLLM needs --enable-prompt-tokens-details, SGLang --enable-cache-report; TGI reports no cached tokens"
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ def classify(
         )
     expected = snapshot_tokens.count if snapshot_tokens else None
     if expected is None or expected <= 0:
-        verdict: Verdict = "hit" if cached > MISS_BELOW_TOKENS else "miss"
+        verdict: Verdict = "miss" if cached < MISS_BELOW_TOKENS else "hit"
     else:
         tolerance = (
             EXACT_TOLERANCE_TOKENS if snapshot_tokens and snapshot_tokens.exact else expected * ESTIMATE_TOLERANCE_SHARE
@@ -160,7 +158,7 @@ def _cause(
     where = ""
     if verdict == "partial" and expected:
         share = min(cached / expected, 1.0)
-        path = path_at(snapshot.message_json, int(share * snapshot.size))
+        path = path_at(snapshot, int(share * snapshot.size))
         where = f"; the cache ended about {share * 100:.0f}% into the snapshot" + (f", near {path}" if path else "")
     if history.first_request:
         return "first request", "first request to this upstream since the proxy started: its cache was cold" + where
@@ -227,7 +225,7 @@ class CacheTracker:
         if last is not None and changed:
             if state.last_change is None or state.last_change[:2] != (_identity(last), identity):
                 shared = common_prefix_length(last.message_json, snapshot.message_json)
-                state.last_change = (_identity(last), identity, shared, path_at(snapshot.message_json, shared))
+                state.last_change = (_identity(last), identity, shared, path_at(snapshot, shared))
             reusable, changed_at = state.last_change[2:]
         seen = identity in state.sent
         history = SendHistory(
