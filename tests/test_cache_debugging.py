@@ -386,3 +386,51 @@ def test_saved_flows_carry_the_comment_verdict_and_the_streamed_answer(
     assert streamed is not None and streamed.raw_content is not None
     assert b"part0 " in streamed.raw_content and b"data: [DONE]" in streamed.raw_content
     assert b'"usage"' not in streamed.raw_content  # recorded as the client got it
+
+
+def prewarms(upstream: Upstream) -> list[dict[str, Any]]:
+    return [body for body in (r.json() for r in upstream.chat_requests()) if body.get("max_tokens") == 1]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)
+def test_prewarm_sends_each_new_base_once_and_the_next_question_hits(
+    engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo
+) -> None:
+    proxy = proxy_for(engine_upstream, PREWARM="true", LAYOUT="per-commit", UPSTREAM_MODEL="served-name")
+    wait_for(lambda: len(prewarms(engine_upstream)) == 1, "the prewarm at start")
+    first = prewarms(engine_upstream)[0]
+    assert first["model"] == "served-name" and first["stream"] is False
+    assert first["messages"][2] == {"role": "user", "content": "."}
+    result = ask(proxy)
+    assert result.headers["x-scout-cache-expected"] == "hit"
+    assert verdict_of(result) == "hit"
+
+    repo.write({"m_middle.py": "MIDDLE = 3\n"})
+    repo.commit_all("new commit: a new base in the per-commit layout")
+    wait_for(lambda: len(prewarms(engine_upstream)) == 2, "the prewarm of the new commit")
+    assert f"against commit {repo.head()}" in prewarms(engine_upstream)[1]["messages"][1]["content"]
+    wait_for_log(proxy, "prompt tokens")  # the prewarm's result is logged
+    assert verdict_of(ask(proxy)) == "hit"
+    time.sleep(1.2)  # two more polls: nothing changed, nothing more is sent
+    assert len(prewarms(engine_upstream)) == 2
+    assert metric(proxy, "scout_prewarm_requests_total", result="ok") == 2
+
+
+@pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)
+def test_prewarm_in_the_append_layout_waits_for_a_new_base(
+    engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo
+) -> None:
+    proxy = proxy_for(engine_upstream, PREWARM="true")  # append layout, a base every 128 commits
+    wait_for(lambda: len(prewarms(engine_upstream)) == 1, "the prewarm at start")
+    repo.write({"m_middle.py": "MIDDLE = 4\n"})
+    repo.commit_all("appends a block: same base")
+    commit_and_wait(proxy, repo, {"m_middle.py": "MIDDLE = 5\n"})
+    time.sleep(1.2)
+    assert len(prewarms(engine_upstream)) == 1

@@ -6,6 +6,7 @@ mitmproxy forward the request unmodified, so ``request`` answers every failure i
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -41,6 +42,7 @@ from .history import HistoryLimits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ProxyMetrics
 from .mitm_internals import install_error_envelopes, remove_contentview, uninstall_error_envelopes
+from .prewarm import PrewarmTarget, describe, prewarm_body, reverse_target, send_prewarm_in_background
 from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .retention import BodyRetention, strip_context
 from .routes import CHAT_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
@@ -57,7 +59,7 @@ from .verdict import (
     estimate_snapshot_tokens,
     tools_key,
 )
-from .watcher import ChangeMonitor
+from .watcher import ChangeMonitor, Generation
 from .workdiff import DiffLimits
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ TCP_TIMEOUT_UNLIMITED_SECONDS = 7 * 24 * 3600
 # (measured: +0.5 MB per request, RSS x3 after 1000 requests). A full collection after this many
 # spliced bytes keeps RSS flat; gc.freeze() at start keeps that collection at 1-2 ms.
 GC_EVERY_SPLICED_BYTES = 64 * 1024 * 1024
+PREWARM_POLL_SECONDS = 0.5
 
 
 OPTIONAL_STR: Any = str | None
@@ -99,6 +102,8 @@ class ScoutDiffCache:
         self.tracker = CacheTracker()
         self.token_counter = TokenCounter()
         self._chats: dict[str, ChatFlow] = {}
+        self._last_model: str | None = None  # the model clients ask for, for prewarm requests
+        self._prewarm_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -215,8 +220,11 @@ class ScoutDiffCache:
             ctx.options.connection_strategy = "lazy"
         gc.collect()
         gc.freeze()  # everything alive at start is permanent: later full collections skip it
+        self._prewarm_task = asyncio.create_task(self._prewarm_loop(), name="scout prewarm")
 
     def done(self) -> None:
+        if self._prewarm_task is not None:
+            self._prewarm_task.cancel()
         self._stop_monitor()
         self.deadlines.stop_all()
         uninstall_error_envelopes()
@@ -398,6 +406,7 @@ class ScoutDiffCache:
         except BadRequest as e:
             raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
         usage_added = settings.stream_usage and ask_for_stream_usage(chat.fields)
+        self._last_model = _string_or_none(chat.fields.get("model")) or self._last_model
         context = await _context_or_error(provider)
         assembled = assemble_body(
             chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model
@@ -548,6 +557,57 @@ class ScoutDiffCache:
             cache=self.tracker.recent_summary(),
         )
         return json_response(200, report)
+
+    async def _prewarm_loop(self) -> None:
+        """With PREWARM on: whenever the repository changed, prefill the upstream if the base is new."""
+        seen: Generation | None = None
+        warmed: tuple[str, str | None] | None = None
+        while True:
+            await asyncio.sleep(PREWARM_POLL_SECONDS)
+            settings, provider = self.settings, self.provider
+            if settings is None or provider is None or not (settings.prewarm and settings.inject_context):
+                continue
+            if provider.monitor.generation == seen:
+                continue
+            seen = provider.monitor.generation
+            try:
+                context = await provider.current()
+            except GitError:
+                continue  # the request path reports it
+            base_url = reverse_target(ctx.options.mode)
+            if (
+                base_url is None
+                or context.snapshot.commit is None
+                or warmed == (base_url, context.snapshot.base_commit)
+            ):
+                continue
+            warmed = (base_url, context.snapshot.base_commit)
+            await self._prewarm(settings, context, base_url)
+
+    async def _prewarm(self, settings: Settings, context: RepoContext, base_url: str) -> None:
+        snapshot = context.snapshot
+        model = settings.upstream_model or self._last_model or settings.model_id
+        target = PrewarmTarget(
+            base_url,
+            model,
+            f"Bearer {settings.target_api_key}" if settings.target_api_key else None,
+            settings.upstream_timeout_ms / 1000 if settings.upstream_timeout_ms else None,
+            not ctx.options.ssl_insecure,
+        )
+        body = prewarm_body(model, [snapshot.message_json, context.diff.message_json])
+        logger.info(
+            "prewarm: sending base %s (%s) to %s", _short(snapshot.base_commit), human_bytes(len(body)), base_url
+        )
+        try:
+            result = await send_prewarm_in_background(target, body)
+        except Exception as e:
+            self.metrics.prewarms.labels("failed").inc()
+            logger.warning("prewarm of base %s failed: %s: %s", _short(snapshot.base_commit), type(e).__name__, e)
+            return
+        self.metrics.prewarms.labels("ok").inc()
+        self.metrics.prewarm_seconds.observe(result.seconds)
+        self.tracker.before_send(base_url, snapshot, None)  # the next question can expect a hit
+        logger.info("prewarm: base %s prefilled %s", _short(snapshot.base_commit), describe(result))
 
     def _mask_upstream_key(self, flow: http.HTTPFlow) -> None:
         """Keep TARGET_API_KEY out of what mitmweb and mitmdump show once the request has gone."""

@@ -58,6 +58,17 @@ class ProxyMetrics:
             "scout_diff_bytes", "Working diff size per chat request.", buckets=DIFF_BYTES_BUCKETS, registry=r
         )
         self.injected_bytes = Counter("scout_injected_bytes", "Bytes of chat request bodies sent upstream.", registry=r)
+        self.prewarms = Counter(
+            "scout_prewarm_requests", "Prewarm requests sent for a new base, by result.", ["result"], registry=r
+        )
+        for result in ("ok", "failed"):
+            self.prewarms.labels(result)
+        self.prewarm_seconds = Histogram(
+            "scout_prewarm_seconds",
+            "Time the upstream took to prefill a new base.",
+            buckets=BUILD_SECONDS_BUCKETS,
+            registry=r,
+        )
 
     def snapshot_built(self, snapshot: Snapshot, seconds: float) -> None:
         self.snapshot_builds.inc()
