@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -694,3 +695,39 @@ def test_recording_of_a_long_stream_stops_at_the_real_limit() -> None:
     assert len(tap.recorded) == RECORDED_STREAM_LIMIT
     assert bytes(tap.recorded) == (event * count)[:RECORDED_STREAM_LIMIT]
     assert tap.recording_truncated is True
+
+
+# --- recorded answers of a real llama-server (tests/data/llama_server, see its README) -------------
+
+LLAMA_SAMPLES = Path(__file__).parent / "data" / "llama_server"
+
+
+def test_a_recorded_llama_server_answer() -> None:
+    usage = usage_from_body((LLAMA_SAMPLES / "chat-nonstream-cached.response.json").read_bytes())
+    assert usage == UpstreamUsage(
+        1660, 1626, 34, usage.prompt_ms if usage else None, "usage.prompt_tokens_details.cached_tokens"
+    )
+    assert usage is not None and usage.prompt_ms is not None and usage.prompt_ms > 0
+
+
+@pytest.mark.parametrize("split", [1, 7, 64, 100_000])
+def test_a_recorded_llama_server_stream_with_usage_loses_only_its_usage_chunk(split: int) -> None:
+    body = (LLAMA_SAMPLES / "chat-stream-include-usage.response.sse").read_bytes()
+    tap = StreamUsageTap(remove_usage=True)
+    out = b"".join(_flatten(tap(body[i : i + split])) for i in range(0, len(body), split)) + _flatten(tap(b""))
+    events = [e for e in body.split(b"\n\n") if e]
+    assert out == b"".join(e + b"\n\n" for e in events if b'"choices":[]' not in e)
+    assert tap.usage is not None
+    assert (tap.usage.prompt_tokens, tap.usage.cached_tokens, tap.usage.evaluated_tokens) == (1654, 1624, 30)
+
+
+def test_a_recorded_llama_server_stream_without_usage_still_reports_its_cache_in_timings() -> None:
+    body = (LLAMA_SAMPLES / "chat-stream-no-usage.response.sse").read_bytes()
+    tap = StreamUsageTap(remove_usage=False)
+    assert _flatten(tap(body)) == body and _flatten(tap(b"")) == b""
+    assert tap.usage is not None and tap.usage.cached_source == "timings.cache_n"
+    assert tap.usage.prompt_tokens == (tap.usage.cached_tokens or 0) + (tap.usage.evaluated_tokens or 0)
+
+
+def _flatten(out: bytes | list[bytes]) -> bytes:
+    return out if isinstance(out, bytes) else b"".join(out)
