@@ -25,9 +25,17 @@ from scout_diff_cache.errors import ApiError, error_response
 from scout_diff_cache.exclusions import PathFilter
 from scout_diff_cache.flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
 from scout_diff_cache.gitrepo import GitRepo
+from scout_diff_cache.history import History, HistoryLimits
 from scout_diff_cache.mitm_internals import remove_contentview
 from scout_diff_cache.prompt import assemble_body, parse_chat_request
-from scout_diff_cache.snapshot import PREAMBLE, SnapshotLimits, build_snapshot, system_message_json
+from scout_diff_cache.snapshot import (
+    APPEND_PREAMBLE,
+    PREAMBLE,
+    SnapshotLimits,
+    build_snapshot,
+    system_message_json,
+    with_history,
+)
 from scout_diff_cache.workdiff import DiffLimits, build_working_diff
 from support import Repo
 
@@ -570,3 +578,53 @@ def test_undecodable_responses_fall_back_to_the_raw_view(body: bytes, content_ty
     result = shown(flow, flow.response)
     assert result.view_name == "Raw"
     assert "failed to parse as Scout chat" in result.description
+
+
+# --- the append-only layout ------------------------------------------------------------------------
+
+
+def append_layout_request(repo: Repo) -> tuple[ChatRequest, list[str]]:
+    """A request whose snapshot is a base plus history blocks, as the provider builds it."""
+    git_repo = GitRepo(str(repo.path))
+    snapshot_limits, diff_limits = limits()
+    history = History(
+        git_repo, snapshot_limits, HistoryLimits(base_every_commits=64, max_tail_percent=100_000, full_files=False)
+    )
+    head = git_repo.head_commit()
+    assert head is not None
+    tail = history.tail_for(head)
+    base = build_snapshot(git_repo, tail.base, snapshot_limits, APPEND_PREAMBLE)
+    snapshot = with_history(base, head, list(zip(tail.commits, tail.blocks, strict=True)))
+    diff = build_working_diff(git_repo, head, diff_limits)
+    assembled = assemble_body(
+        parse_chat_request(json.dumps(client_body()).encode()), [snapshot.message_json, diff.message_json]
+    )
+    snapshot_span, diff_span = assembled.context_spans
+    assert snapshot.history_start is not None
+    metadata = {
+        "commit": head,
+        "snapshot_span": snapshot_span,
+        "diff_span": diff_span,
+        "history_start": snapshot_span[0] + snapshot.history_start,
+    }
+    return ChatRequest(assembled.body, metadata, head), list(tail.commits)
+
+
+@pytest.mark.usefixtures("registered")
+def test_an_append_layout_snapshot_shows_its_base_and_one_line_per_commit(make_repo: MakeRepo) -> None:
+    repo = make_repo({"a.py": "A = 1\n", "b.py": "B = 1\n"})
+    repo.write({"a.py": "A = 2\n"})
+    repo.commit_all("Change a\n\nThe body is not shown.")
+    repo.write({"c d.py": "C = 1\n"})
+    (repo.path / "b.py").unlink()
+    repo.commit_all("Add c d, remove b")
+    request, commits = append_layout_request(repo)
+    base = repo.git("rev-list", "--max-parents=0", "HEAD").strip()
+    for metadata in (request.metadata, None):  # through the recorded offsets, and by search when edited
+        text = shown_request(chat_flow(request.body, metadata))
+        assert f"commit: {base}" in text
+        assert "history since the base: 2 commits" in text
+        assert f"  {commits[0][:12]} Change a  [a.py]" in text
+        assert f"  {commits[1][:12]} Add c d, remove b  [b.py, c d.py]" in text
+        assert "The body is not shown." not in text
+        assert "files: 2, symbolic links: 0" in text

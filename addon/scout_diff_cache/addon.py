@@ -652,6 +652,12 @@ def _annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBod
         "snapshot_bytes": context.snapshot.size,
         "snapshot_files": context.snapshot.file_count,
         "snapshot_span": snapshot_span,
+        "base_commit": context.snapshot.base_commit,
+        "tail_commits": context.snapshot.tail_commits,
+        # Where the history blocks start in the body (append-only layout), for the content view.
+        "history_start": None
+        if context.snapshot.history_start is None
+        else snapshot_span[0] + context.snapshot.history_start,
         "diff_bytes": context.diff.size,
         "diff_files": context.diff.included_files,
         "diff_span": diff_span,

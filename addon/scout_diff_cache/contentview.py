@@ -28,7 +28,7 @@ from mitmproxy.contentviews import Contentview, Metadata
 from .flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
 from .prompt import is_json_media_type
 from .routes import CHAT_PATH, route_path
-from .snapshot import PREAMBLE, system_message_json
+from .snapshot import APPEND_PREAMBLE, PREAMBLE, system_message_json
 from .sse import iter_event_data
 from .text import display
 
@@ -78,7 +78,7 @@ def decode_text(encoded: bytes) -> str:
     return text
 
 
-_ENCODED_PREAMBLE = encode_text(PREAMBLE)
+_ENCODED_PREAMBLES = (encode_text(PREAMBLE), encode_text(APPEND_PREAMBLE))
 _ENCODED_TRIMMED_PREFIX = encode_text(TRIMMED_SNAPSHOT_PREFIX)
 
 
@@ -138,7 +138,8 @@ def summarise_snapshot(text: EncodedText) -> SnapshotSummary:
     summary = SnapshotSummary()
     buffer = text.buffer
     # From the preamble's last newline: its example block is not a block, the first real one follows.
-    scan_from = text.start + len(_ENCODED_PREAMBLE) - 2 if text.startswith(_ENCODED_PREAMBLE) else text.start
+    preamble = next((p for p in _ENCODED_PREAMBLES if text.startswith(p)), None)
+    scan_from = text.start + len(preamble) - 2 if preamble is not None else text.start
     footer_at = buffer.rfind(_ENCODED_FOOTER_START, scan_from, text.end)
     if footer_at >= 0 and not _escaped(buffer, footer_at):
         _read_footer(buffer[footer_at + 2 : text.end], summary)
@@ -214,6 +215,7 @@ def _snapshot_section(
         if sent:
             lines.append("as sent: " + ", ".join(sent))
         return lines, []
+    text, history = split_history(text, proxy_metadata.get("history_start"))
     summary = summarise_snapshot(text)
     lines = [f"=== messages[{index}] system · snapshot · {message_bytes:,} bytes ==="]
     if not summary.footer_found:
@@ -235,8 +237,48 @@ def _snapshot_section(
                 f"note: {len(summary.entries):,} block headers found in the text, the footer counts "
                 f"{expected:,} (a file may hold a line that looks like a block header)"
             )
+    if history is not None:
+        lines += _history_lines(history)
     lines.append(f"paths: {len(summary.entries):,}, listed at the end")
     return lines, [f"=== snapshot paths ({len(summary.entries):,}) ===", *summary.entries]
+
+
+_ENCODED_HISTORY_START = b'</snapshot_info>\\n<commit id=\\"'
+_HISTORY_BLOCK = re.compile(
+    r'^<commit id="([0-9a-f]+)"(?: parent="[0-9a-f]+")?>\n<message>\n(.*?)</message>\n(.*?)</commit>\n',
+    re.DOTALL | re.MULTILINE,
+)
+_CHANGED_PATH = re.compile(
+    r'^(?:diff --git a/(.*) b/|<(?:file|deleted|symlink|binary|submodule) path=("(?:[^"\\]|\\.)*"))', re.M
+)
+
+
+def split_history(text: EncodedText, history_start: object) -> tuple[EncodedText, str | None]:
+    """The snapshot's base part and its history blocks (append-only layout), decoded; None without.
+
+    The proxy records where the blocks start; without that (an edited body), the first footer end
+    followed by a commit block is taken.
+    """
+    if isinstance(history_start, int) and text.start < history_start < text.end:
+        start = history_start
+    else:
+        found = text.buffer.find(_ENCODED_HISTORY_START, text.start, text.end)
+        if found < 0:
+            return text, None
+        start = found + len(b"</snapshot_info>\\n")
+    return EncodedText(text.buffer, text.start, start), decode_text(text.buffer[start : text.end])
+
+
+def _history_lines(history: str) -> list[str]:
+    """One line per commit block: id, subject, changed files (the patches are not repeated here)."""
+    blocks = _HISTORY_BLOCK.findall(history)
+    lines = [f"history since the base: {len(blocks)} commits, {len(history.encode()):,} bytes"]
+    for commit, message, changes in blocks:
+        subject = message.partition("\n")[0]
+        paths = [plain or _display_path(json.loads(quoted)) for plain, quoted in _CHANGED_PATH.findall(changes)]
+        shown = ", ".join(paths[:8]) + (f", ... {len(paths) - 8} more" if len(paths) > 8 else "")
+        lines.append(f"  {commit[:12]} {subject}  [{shown or 'no files'}]")
+    return lines
 
 
 # --- the request ---------------------------------------------------------------------------------

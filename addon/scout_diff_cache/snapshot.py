@@ -102,6 +102,7 @@ class Snapshot:
     # Where each part starts in message_json, and what it is: a path, "commit <id>", or None
     # (preamble, footer). For saying where a cache ended or two snapshots part.
     regions: tuple[tuple[int, str | None], ...] = ()
+    history_start: int | None = None  # append-only layout: where the commit blocks start in message_json
 
     @property
     def size(self) -> int:
@@ -289,6 +290,7 @@ def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str
         base_commit=base.commit,
         tail_commits=len(tail_blocks),
         regions=base.regions + tuple(regions),
+        history_start=start,
     )
 
 
