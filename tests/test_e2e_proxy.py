@@ -932,62 +932,53 @@ async def test_a_replayed_flow_gets_its_context_once(
 
 
 async def test_a_replayed_trimmed_flow_gets_fresh_context_never_the_placeholder(
-    make_repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_repo, addon: ScoutDiffCache
 ) -> None:
-    for name in SETTING_ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
     repo: Repo = make_repo({"a.txt": "a\n"})
-    config = tmp_path / "config.yaml"
-    config.write_text("{}\n")
-    addon = ScoutDiffCache()
     store = View()  # mitmweb's flow store: trimming only happens where flows are kept
     with taddons.context(addon, store) as tctx:
         tctx.configure(
             addon,
-            scout_config=str(config),
             scout_git_repo_path=str(repo.path),
             scout_upstream_connect_timeout_ms=0,
             scout_keep_full_bodies=0,
         )
-        try:
-            flow = tflow.tflow(req=tutils.treq(method=b"POST", path=CHAT.encode(), content=chat_body("q")), resp=False)
-            await addon.request(flow)
-            sent = flow.request.content
-            assert sent is not None
-            store.add([flow])
-            flow.response = tutils.tresp(content=b'{"choices": []}')
-            addon.response(flow)
-            trimmed = flow.request.raw_content
-            assert trimmed is not None and TRIMMED_SNAPSHOT_PREFIX.encode() in trimmed and len(trimmed) < len(sent)
+        flow = tflow.tflow(req=tutils.treq(method=b"POST", path=CHAT.encode(), content=chat_body("q")), resp=False)
+        await addon.request(flow)
+        sent = flow.request.content
+        assert sent is not None
+        store.add([flow])
+        flow.response = tutils.tresp(content=b'{"choices": []}')
+        addon.response(flow)
+        trimmed = flow.request.raw_content
+        assert trimmed is not None and TRIMMED_SNAPSHOT_PREFIX.encode() in trimmed and len(trimmed) < len(sent)
 
-            flow.response = None
-            flow.is_replay = "request"
-            await addon.request(flow)
-            assert flow.response is None
-            assert flow.request.content == sent  # same repository state: the very body sent the first time
-            assert flow.request.headers["content-length"] == str(len(sent))
+        flow.response = None
+        flow.is_replay = "request"
+        await addon.request(flow)
+        assert flow.response is None
+        assert flow.request.content == sent  # same repository state: the very body sent the first time
+        assert flow.request.headers["content-length"] == str(len(sent))
 
-            # The question edited after the trim (mitmweb's editor): sent with it, context afresh.
-            flow.response = tutils.tresp()
-            addon.response(flow)
-            flow.request.raw_content = (flow.request.raw_content or b"").replace(b'"q"', b'"edited question"')
-            flow.response = None
-            await addon.request(flow)
-            assert flow.response is None
-            replayed = json.loads(flow.request.content or b"")
-            assert replayed["messages"][0] == json.loads(sent)["messages"][0]
-            assert replayed["messages"][2] == {"role": "user", "content": "edited question"}
+        # The question edited after the trim (mitmweb's editor): sent with it, context afresh.
+        flow.response = tutils.tresp()
+        addon.response(flow)
+        flow.request.raw_content = (flow.request.raw_content or b"").replace(b'"q"', b'"edited question"')
+        flow.response = None
+        await addon.request(flow)
+        assert flow.response is None
+        replayed = json.loads(flow.request.content or b"")
+        assert replayed["messages"][0] == json.loads(sent)["messages"][0]
+        assert replayed["messages"][2] == {"role": "user", "content": "edited question"}
 
-            # The placeholder itself edited: the context can no longer be told apart; refused, never sent.
-            flow.response = tutils.tresp()
-            addon.response(flow)
-            flow.request.raw_content = (flow.request.raw_content or b"").replace(b"[scout-diff-cache", b"[edited")
-            flow.response = None
-            await addon.request(flow)
-            assert flow.response is not None and flow.response.status_code == 400
-            assert b"trimmed_flow_edited" in (flow.response.content or b"")
-        finally:
-            addon.done()
+        # The placeholder itself edited: the context can no longer be told apart; refused, never sent.
+        flow.response = tutils.tresp()
+        addon.response(flow)
+        flow.request.raw_content = (flow.request.raw_content or b"").replace(b"[scout-diff-cache", b"[edited")
+        flow.response = None
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.status_code == 400
+        assert b"trimmed_flow_edited" in (flow.response.content or b"")
 
 
 def test_client_replay_of_a_saved_flow_sends_the_same_body_when_nothing_changed(

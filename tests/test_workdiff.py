@@ -820,3 +820,16 @@ def test_split_patch_edge_cases() -> None:
     two = b"diff --git a/y y b/y y\nnew file mode 100644\n"
     assert list(split_patch(one + two)) == [(b"x", one), (b"y y", two)]
     assert list(split_patch(b"diff --git a/only b/only")) == [(b"only", b"diff --git a/only b/only")]
+
+
+def test_a_staged_excluded_file_where_a_tracked_file_was_stays_out(make_repo: Callable[..., Repo]) -> None:
+    """A pathspec for 'conf' also matches 'conf/.env': only the paths asked for may be kept."""
+    repo = make_repo({"conf": "plain = 1\n", "a.txt": "a\n"})
+    (repo.path / "conf").unlink()
+    (repo.path / "conf").mkdir()
+    (repo.path / "conf" / ".env").write_text("SECRET=hunter2\n")
+    repo.git("add", "-A")
+    diff = wdiff(repo)
+    assert "hunter2" not in diff.text
+    assert set(patches(diff)) == {b"conf"}
+    assert "conf/.env" in info(diff)

@@ -32,6 +32,14 @@ _PINNED_CONFIG = (
     "diff.external=",
     "-c",
     "color.ui=never",
+    # Patch bytes must not depend on the machine: these change blank context lines, hunk
+    # boundaries, and (attributes) hunk headers or text/binary.
+    "-c",
+    "diff.suppressBlankEmpty=false",
+    "-c",
+    "diff.indentHeuristic=true",
+    "-c",
+    "core.attributesFile=/dev/null",
 )
 
 _SCRUBBED_ENV = (
@@ -112,6 +120,7 @@ def _git_env(toplevel: Path) -> dict[str, str]:
         LANG="C",
         GIT_TERMINAL_PROMPT="0",
         GIT_PAGER="cat",
+        GIT_ATTR_NOSYSTEM="1",
         # Never discover a repository above the work tree (if its .git goes away, fail instead).
         GIT_CEILING_DIRECTORIES=str(toplevel.parent),
     )

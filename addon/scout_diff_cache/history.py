@@ -52,10 +52,6 @@ class Tail:
     commits: tuple[str, ...]
     blocks: tuple[str, ...]
 
-    @property
-    def text(self) -> str:
-        return "".join(self.blocks)
-
 
 class History:
     """Renders and caches commit blocks and picks the base for a HEAD (blocking: run in a thread)."""
@@ -126,8 +122,11 @@ class History:
 
     def _patches(self, parent: str, commit: str, kept: Sequence[RawChange], too_large: list[bytes]) -> str:
         patch = self.repo.commit_patch(parent, commit, [c.path for c in kept])
+        wanted = {c.path for c in kept}
         parts = []
         for path, file_patch in split_patch(patch):
+            if path not in wanted:
+                continue  # under a kept path that became a folder, but excluded itself (conf -> conf/.env)
             if len(file_patch) > self.snapshot_limits.max_file_bytes:
                 too_large.append(path)
             else:

@@ -197,7 +197,9 @@ def collect_changes(repo: GitRepo, commit: str, limits: DiffLimits, parts: DiffP
             parts.too_large.append(change.path)
         else:
             tracked.append(change.path)
-    candidates = [Candidate(path, chunk) for path, chunk in split_patch(repo.patch(commit, tracked))]
+    # A pathspec matches a folder's contents too (a file replaced by a folder): keep only the paths asked for.
+    wanted = set(tracked)
+    candidates = [Candidate(path, chunk) for path, chunk in split_patch(repo.patch(commit, tracked)) if path in wanted]
     for path in repo.untracked_paths():
         if path.endswith(b"/"):
             parts.nested_repos.append(path.rstrip(b"/"))
