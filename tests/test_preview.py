@@ -10,7 +10,7 @@ from pathlib import Path
 
 from scout_diff_cache.exclusions import PathFilter
 from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
 from scout_diff_cache.workdiff import DiffLimits, build_working_diff
 from support import ROOT, SETTING_ENV_NAMES, Repo
 
@@ -59,12 +59,40 @@ def test_preview_lists_what_is_sent_and_what_is_left_out(make_repo: Callable[...
 
     git_repo = GitRepo(str(repo.path))
     path_filter = PathFilter.build((), True)
-    expected_snapshot = build_snapshot(git_repo, repo.head(), SnapshotLimits(200, 67108864, path_filter))
+    # One commit: in the append layout (the default) the base is HEAD and there is no history yet.
+    assert f"layout: append: base {repo.head()} (no history after it yet)" in out
+    limits = SnapshotLimits(200, 67108864, path_filter)
+    expected_snapshot = build_snapshot(git_repo, repo.head(), limits, APPEND_PREAMBLE)
     expected_diff = build_working_diff(git_repo, repo.head(), DiffLimits(200, 1048576, path_filter))
     assert snapshot_file.read_bytes() == expected_snapshot.text.encode("utf-8")
     assert diff_file.read_bytes() == expected_diff.text.encode("utf-8")
     assert "+print('hello')" in diff_file.read_text()
     assert "+untracked" in diff_file.read_text()
+
+
+def test_preview_shows_the_layout_the_proxy_would_send(make_repo: Callable[..., Repo], tmp_path: Path) -> None:
+    repo = make_repo({"a.py": "A = 1\n", "big.md": "words " * 2000})  # the history must stay under 10% of it
+    base = repo.head()
+    repo.write({"a.py": "A = 2\n"})
+    repo.commit_all("second")
+    snapshot_file = tmp_path / "snapshot.txt"
+
+    result = preview(["preview", "--repo", str(repo.path), "--write-snapshot", str(snapshot_file)], {}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"layout: append: base {base} + 1 commits of history" in result.stdout
+    text = snapshot_file.read_text()
+    assert text.startswith(APPEND_PREAMBLE) and f'<commit id="{repo.head()}" parent="{base}">' in text
+    assert f"<snapshot_info>\ncommit: {base}\n" in result.stdout  # the base's footer, not the history
+
+    result = preview(
+        ["preview", "--repo", str(repo.path), "--write-snapshot", str(snapshot_file)],
+        {"LAYOUT": "per-commit"},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "layout: per-commit" in result.stdout
+    assert snapshot_file.read_text().startswith(PREAMBLE)
+    assert "<commit id=" not in snapshot_file.read_text()
 
 
 def test_preview_flags_override_the_environment(make_repo: Callable[..., Repo], tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from .errors import ApiError, error_response, json_response, proxy_error_respons
 from .exclusions import PathFilter
 from .flowdata import METADATA_KEY
 from .gitrepo import GitError, GitRepo
-from .history import HistoryLimits
+from .history import history_limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ProxyMetrics
 from .mitm_internals import install_error_envelopes, remove_contentview, uninstall_error_envelopes
@@ -158,11 +158,7 @@ class ScoutDiffCache:
             SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
             DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
             metrics=self.metrics,
-            history_limits=HistoryLimits(
-                settings.base_every_commits, settings.max_tail_percent, settings.history_full_files
-            )
-            if settings.layout == "append"
-            else None,
+            history_limits=history_limits(settings),
         )
         logger.info(
             "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
@@ -220,6 +216,10 @@ class ScoutDiffCache:
             ctx.options.connection_strategy = "lazy"
         gc.collect()
         gc.freeze()  # everything alive at start is permanent: later full collections skip it
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # hooks driven by hand, outside mitmproxy's event loop: nothing to prewarm with
         self._prewarm_task = asyncio.create_task(self._prewarm_loop(), name="scout prewarm")
 
     def done(self) -> None:
@@ -543,6 +543,8 @@ class ScoutDiffCache:
             head=context.snapshot.commit,
             snapshot={
                 "commit": context.snapshot.commit,
+                "base_commit": context.snapshot.base_commit,
+                "history_commits": context.snapshot.tail_commits,
                 "bytes": context.snapshot.size,
                 "files": context.snapshot.file_count,
                 "symlinks": context.snapshot.symlink_count,
@@ -708,12 +710,6 @@ def _verdict_header(verdict: CacheVerdict) -> str:
     if verdict.cause:
         parts.append(f'cause="{verdict.cause}"')
     return "; ".join(parts)
-
-
-def _history_limits(settings: Settings) -> HistoryLimits | None:
-    if settings.layout != "append":
-        return None
-    return HistoryLimits(settings.base_every_commits, settings.max_tail_percent, settings.history_full_files)
 
 
 def _string_or_none(value: object) -> str | None:

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .config import Settings
 from .exclusions import PathFilter
 from .gitrepo import GitRepo, RawChange
 from .snapshot import SYMLINK_MODE, SnapshotContent, SnapshotLimits, file_block, select_entries
@@ -44,6 +45,13 @@ class HistoryLimits:
     base_every_commits: int
     max_tail_percent: int
     full_files: bool
+
+
+def history_limits(settings: Settings) -> HistoryLimits | None:
+    """The layout's settings; None for the per-commit layout."""
+    if settings.layout != "append":
+        return None
+    return HistoryLimits(settings.base_every_commits, settings.max_tail_percent, settings.history_full_files)
 
 
 @dataclass(frozen=True)

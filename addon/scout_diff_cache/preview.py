@@ -9,17 +9,20 @@ own closing listings). ``--write-snapshot`` and ``--write-diff`` write the exact
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
-from .context import human_bytes
+from .context import ContextProvider, human_bytes
 from .exclusions import PathFilter
 from .gitrepo import GitError, GitRepo
-from .snapshot import SnapshotLimits, build_snapshot
-from .workdiff import DiffLimits, build_working_diff
+from .history import history_limits
+from .snapshot import SnapshotLimits
+from .watcher import ChangeMonitor
+from .workdiff import DiffLimits
 
 # A rough rule for code with a Llama-style tokenizer; printed as an estimate, never as a count.
 BYTES_PER_TOKEN_ESTIMATE = 4
@@ -63,21 +66,30 @@ def run(argv: Sequence[str]) -> int:
         settings, _ = load_settings(options, os.environ, resolve_config_path(args.config, os.environ))
         path_filter = PathFilter.build(settings.exclude_path_patterns, settings.use_default_excludes)
         repo = GitRepo(settings.git_repo_path)
-        commit = repo.head_commit()
-        snapshot = build_snapshot(
-            repo, commit, SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter)
+        # The addon's own provider, its change monitor not started: one read, as the proxy would make it.
+        provider = ContextProvider(
+            repo,
+            ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir]),
+            SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
+            DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
+            history_limits=history_limits(settings),
         )
-        diff = build_working_diff(
-            repo, commit, DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter)
-        )
+        context = asyncio.run(provider.current())
     except (ConfigError, GitError, ValueError) as e:
         print(f"preview: {e}", file=sys.stderr)
         return 2
+    snapshot, diff, commit = context.snapshot, context.diff, context.snapshot.commit
 
     snapshot_bytes = len(snapshot.text.encode("utf-8"))
     diff_bytes = len(diff.text.encode("utf-8"))
     print(f"repository: {repo.toplevel}")
     print(f"commit: {commit or 'none (no commits yet)'}")
+    if snapshot.tail_commits:
+        print(f"layout: append: base {snapshot.base_commit} + {snapshot.tail_commits} commits of history")
+    elif settings.layout == "append":
+        print(f"layout: append: base {snapshot.base_commit} (no history after it yet)")
+    else:
+        print("layout: per-commit")
     print(
         f"snapshot: {snapshot.file_count} files, {snapshot.symlink_count} symbolic links, "
         f"{snapshot.skipped_count} left out; {human_bytes(snapshot_bytes)}, {tokens(snapshot_bytes)}"
@@ -87,7 +99,7 @@ def run(argv: Sequence[str]) -> int:
         f"{human_bytes(diff_bytes)}, {tokens(diff_bytes)}"
     )
     print()
-    print(closing_block(snapshot.text, "snapshot_info"), end="")
+    print(closing_block(snapshot.base_text, "snapshot_info"), end="")
     info = closing_block(diff.text, "diff_info")
     print(info if info else diff.text, end="")
     for target, text in ((args.write_snapshot, snapshot.text), (args.write_diff, diff.text)):

@@ -103,6 +103,12 @@ class Snapshot:
     # (preamble, footer). For saying where a cache ended or two snapshots part.
     regions: tuple[tuple[int, str | None], ...] = ()
     history_start: int | None = None  # append-only layout: where the commit blocks start in message_json
+    history_chars: int = 0  # append-only layout: the length of the commit blocks at the end of text
+
+    @property
+    def base_text(self) -> str:
+        """The text without the history blocks: the base snapshot, its footer last."""
+        return self.text[: len(self.text) - self.history_chars]
 
     @property
     def size(self) -> int:
@@ -280,9 +286,10 @@ def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str
     assert base.message_json.endswith(MESSAGE_END)
     start = len(base.message_json) - len(MESSAGE_END)
     encoded, regions = encode_regions(((block, f"commit {commit}") for commit, block in tail_blocks), start)
+    history = "".join(block for _, block in tail_blocks)
     return Snapshot(
         commit=head,
-        text=base.text + "".join(block for _, block in tail_blocks),
+        text=base.text + history,
         message_json=b"".join([base.message_json[:start], *encoded, MESSAGE_END]),
         file_count=base.file_count,
         symlink_count=base.symlink_count,
@@ -291,6 +298,7 @@ def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str
         tail_commits=len(tail_blocks),
         regions=base.regions + tuple(regions),
         history_start=start,
+        history_chars=len(history),
     )
 
 
