@@ -26,6 +26,7 @@ from scout_diff_cache.snapshot import (
     path_at,
     render_snapshot,
     symlink_block,
+    with_history,
 )
 from scout_diff_cache.usage import UpstreamUsage
 from scout_diff_cache.verdict import (
@@ -781,3 +782,46 @@ def test_common_prefix_length_of_equal_and_extended_inputs() -> None:
     assert common_prefix_length(BIG[:BLOCK], BIG[:BLOCK]) == BLOCK
     assert common_prefix_length(b"", BIG) == 0
     assert common_prefix_length(b"", b"") == 0
+
+
+# --- the append layout after a new commit ------------------------------------------------------------
+
+
+def appended_pair() -> tuple[Snapshot, Snapshot]:
+    base, _ = make_snapshot({"a.txt": "a\n" * 400, "b.txt": "b\n" * 400})
+    old = with_history(
+        base, COMMIT_A, [(COMMIT_A, f'<commit id="{COMMIT_A}">\n<message>\none\n</message>\n</commit>\n')]
+    )
+    block = f'<commit id="{COMMIT_B}">\n<message>\ntwo\n</message>\n' + "+x\n" * 40 + "</commit>\n"
+    new = with_history(old, COMMIT_B, [(COMMIT_B, block)])
+    return old, replace(new, base_commit=base.commit, tail_commits=2)
+
+
+def test_append_layout_a_cache_that_reaches_the_new_history_block_is_a_hit() -> None:
+    old, new = appended_pair()
+    tracker = CacheTracker()
+    tracker.before_send(UP, old, None)
+    history = tracker.before_send(UP, new, None)
+    assert history.snapshot_changed and history.changed_at == f"commit {COMMIT_B}"
+    assert history.reusable_bytes == len(old.message_json) - 2
+    tokens = SnapshotTokens(len(new.message_json) // 4, exact=True)
+    reusable = (len(old.message_json) - 2) // 4
+    share = len(old.message_json) / len(new.message_json)
+    assert share < 0.95  # the new block is more than the exact tolerance and the estimate's 3%
+    hit = classify(usage(tokens.count + 20, reusable - 1), tokens, history, new)
+    assert (hit.verdict, hit.cause) == ("hit", "new commit")
+    assert "only the new block was prefilled" in hit.detail
+    assert hit.summary().endswith("(hit: new commit)")
+    short = classify(usage(tokens.count + 20, reusable // 2), tokens, history, new)
+    assert (short.verdict, short.cause) == ("partial", "new commit")
+
+
+def test_a_moved_base_is_not_read_as_an_appended_block() -> None:
+    old, _ = appended_pair()
+    moved, _ = make_snapshot({"a.txt": "A\n" * 400, "b.txt": "b\n" * 400}, commit=COMMIT_B)
+    tracker = CacheTracker()
+    tracker.before_send(UP, old, None)
+    history = tracker.before_send(UP, moved, None)
+    tokens = SnapshotTokens(len(moved.message_json) // 4, exact=True)
+    result = classify(usage(tokens.count, (history.reusable_bytes or 0) // 4), tokens, history, moved)
+    assert result.verdict in ("partial", "miss") and result.cause == "new commit"

@@ -511,7 +511,7 @@ class ScoutDiffCache:
         if verdict is not None and verdict.snapshot_tokens is not None:
             kind = "exact" if verdict.snapshot_tokens.exact else "estimated"
             snapshot_tokens = f" · snapshot {verdict.snapshot_tokens.count} tok ({kind})"
-        detail = f" - {verdict.detail}" if verdict is not None and verdict.verdict != "hit" else ""
+        detail = f" - {verdict.detail}" if verdict is not None and verdict.cause else ""
         logger.info(
             "chat %s in %.2f s · snap %s · %s · diff %s%s%s · %s%s",
             status,

@@ -134,6 +134,7 @@ def classify(
             snapshot_tokens,
         )
     expected = snapshot_tokens.count if snapshot_tokens else None
+    appended = _appended_share(history, snapshot)
     if expected is None or expected <= 0:
         verdict: Verdict = "miss" if cached < MISS_BELOW_TOKENS else "hit"
     else:
@@ -142,12 +143,32 @@ def classify(
         )
         if cached >= expected - tolerance:
             verdict = "hit"
+        elif appended is not None and cached >= expected * appended - expected * ESTIMATE_TOLERANCE_SHARE:
+            # Append layout, new commit: all that could be cached was, the new history block was not.
+            return CacheVerdict(
+                "hit",
+                "new commit",
+                f"new commit: everything before its history block was reused (it changes at {history.changed_at}); "
+                "only the new block was prefilled",
+                usage.prompt_tokens,
+                cached,
+                snapshot_tokens,
+            )
         elif cached < MISS_BELOW_TOKENS:
             verdict = "miss"
         else:
             verdict = "partial"
     cause, detail = _cause(verdict, cached, expected, history, snapshot)
     return CacheVerdict(verdict, cause, detail, usage.prompt_tokens, cached, snapshot_tokens)
+
+
+def _appended_share(history: SendHistory, snapshot: Snapshot) -> float | None:
+    """Append layout after a new commit: the share of the snapshot before the new history blocks."""
+    if not history.snapshot_changed or history.snapshot_seen or history.reusable_bytes is None or not snapshot.size:
+        return None
+    if snapshot.history_start is None or history.reusable_bytes < snapshot.history_start:
+        return None  # the base moved, or the per-commit layout: the snapshot differs from a file on
+    return history.reusable_bytes / snapshot.size
 
 
 def _cause(

@@ -1,0 +1,232 @@
+"""Prefix-cache payoff on a REAL model server: llama.cpp's llama-server behind mitmdump running the addon.
+
+Starts llama-server on CPU with the tiny random-weight Llama 4 model of tests/llama_server.py (one
+token per byte, one slot, token-exact prefix reuse; the binary is built once by .ci/llama-server)
+and generates small repositories (default about 30 KB of snapshot, so about 30k tokens: a cold
+prefill of seconds on 2 cores), each starting with its own marker file so no scenario finds
+another's snapshot cached. Every figure comes from llama-server's answers (``timings.prompt_ms``,
+``prompt_n``, ``usage.prompt_tokens_details.cached_tokens``) or the client's wall clock. Measures,
+in one run:
+
+(i)   a second question on the same state against the first: prefill time (timings.prompt_ms) and
+      wall time, and their warm/cold ratios;
+(ii)  the first question after a commit that edits a file early in path order, with LAYOUT=append
+      (the commit only appends a history block) and LAYOUT=per-commit (the snapshot changes from
+      that file on): prefill time, tokens prefilled, cached share, verdict; the ratio per-commit/append;
+(iii) with LAYOUT=per-commit in both: the user-visible latency of that first question after the
+      commit WITH PREWARM=true (asked once the proxy's log says the prewarm of the new commit
+      finished) against WITHOUT prewarm (the per-commit measurement of (ii)), and the ratio.
+
+Machines differ: compare ratios, not milliseconds. Every process it starts (llama-server, mitmdump)
+is stopped before it returns, on errors, Ctrl-C and SIGTERM too.
+
+Usage: .venv/bin/python bench/bench_llama_cache.py [--modules N] [--module-bytes B] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from llama_server import LlamaServer, run_llama_server, write_tiny_gguf
+from support import Proxy, Repo, http_request, run_proxy
+
+CHAT = "/v1/chat/completions"
+EARLY_FILE = "1_early.py"
+TIMEOUT_SECONDS = 600
+
+
+def repo_files(marker: str, modules: int, module_bytes: int) -> dict[str, str | bytes]:
+    """A deterministic code base: a marker file, an early file, then ``modules`` modules of about module_bytes."""
+    files: dict[str, str | bytes] = {"0_marker.txt": f"repository for {marker}\n"}
+    files[EARLY_FILE] = "".join(f"EARLY_{i} = {i}  # an early constant\n" for i in range(12))
+    for m in range(modules):
+        lines = [f'"""Module {m}."""\n']
+        size = len(lines[0])
+        i = 0
+        while size < module_bytes:
+            line = f"def f_{m}_{i}(x):\n    return x * {i} + {m % 7}\n"
+            lines.append(line)
+            size += len(line)
+            i += 1
+        files[f"pkg/mod_{m:03d}.py"] = "".join(lines)
+    return files
+
+
+def edit_early_file(repo: Repo) -> str:
+    text = (repo.path / EARLY_FILE).read_text()
+    repo.write({EARLY_FILE: text.replace("EARLY_6 = 6 ", "EARLY_6 = 66")})
+    return repo.commit_all("change an early constant")
+
+
+@dataclass
+class Answer:
+    wall_seconds: float
+    prompt_ms: float
+    prompt_n: int
+    prompt_tokens: int
+    cached_tokens: int
+    verdict: str
+
+    @property
+    def cached_share(self) -> float:
+        return self.cached_tokens / self.prompt_tokens
+
+    def describe(self) -> str:
+        return (
+            f"wall {self.wall_seconds * 1000:8.0f} ms, prefill {self.prompt_ms:8.0f} ms for {self.prompt_n:6d} tokens, "
+            f"cached {self.cached_tokens}/{self.prompt_tokens} ({self.cached_share * 100:5.1f}%), {self.verdict}"
+        )
+
+
+def ask(proxy: Proxy, question: str) -> Answer:
+    body = {"model": "llama-4-scout", "messages": [{"role": "user", "content": question}], "max_tokens": 2}
+    started = time.perf_counter()
+    result = http_request(
+        "POST", proxy.base_url + CHAT, json.dumps(body).encode(), {"content-type": "application/json"}, TIMEOUT_SECONDS
+    )
+    wall = time.perf_counter() - started
+    if result.status != 200:
+        raise RuntimeError(f"HTTP {result.status}: {result.body[:500]!r}")
+    answer: dict[str, Any] = result.json()
+    timings, usage = answer["timings"], answer["usage"]
+    return Answer(
+        wall,
+        float(timings["prompt_ms"]),
+        int(timings["prompt_n"]),
+        int(usage["prompt_tokens"]),
+        int(usage["prompt_tokens_details"]["cached_tokens"]),
+        result.headers.get("x-scout-cache", "?").split(";")[0],
+    )
+
+
+def wait_for_log(proxy: Proxy, pattern: str, timeout: float = TIMEOUT_SECONDS) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        match = re.search(pattern, proxy.log())
+        if match:
+            return match
+        if proxy.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{pattern!r} not in the proxy log:\n{proxy.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+def wait_for_head(proxy: Proxy, head: str) -> None:
+    deadline = time.monotonic() + 30
+    while http_request("GET", proxy.base_url + "/health").json().get("head") != head:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy never saw HEAD {head}")
+        time.sleep(0.05)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    model = write_tiny_gguf(root / "tiny-llama4.gguf")
+    counter = iter(range(100))
+
+    def new_repo(marker: str) -> Repo:
+        return Repo.create(root / f"repo{next(counter)}", repo_files(marker, args.modules, args.module_bytes))
+
+    def proxy_for(server: LlamaServer, repo: Repo, **env: str) -> contextlib.AbstractContextManager[Proxy]:
+        return run_proxy(server.url, root / f"proxy{next(counter)}", {"GIT_REPO_PATH": str(repo.path), **env})
+
+    started = time.perf_counter()
+    with run_llama_server(model, ctx_size=args.ctx_size, slots=1, threads=args.threads, log_dir=root) as server:
+        print(f"llama-server on {server.url} ({args.threads or os.cpu_count()} threads), logging to {server.log_path}")
+
+        # (i) and (ii) append: one repository, LAYOUT=append.
+        repo = new_repo("warm and cold, append")
+        with proxy_for(server, repo) as proxy:
+            snapshot = http_request("GET", proxy.base_url + "/health").json()["snapshot"]
+            print(f"snapshot: {snapshot['bytes'] / 1000:.1f} KB, {snapshot['files']} files (about 1 token per byte)")
+            cold = ask(proxy, "What does f_1_1 return?")
+            warm = ask(proxy, "And f_2_2?")
+            print(f"(i)   cold question:           {cold.describe()}")
+            print(f"      warm question:           {warm.describe()}")
+            edit_early_file(repo)
+            wait_for_head(proxy, repo.head())
+            append = ask(proxy, "What is EARLY_6 now?")
+            print(f"(ii)  append, after commit:    {append.describe()}")
+
+        # (ii) per-commit, and (iii) without prewarm: LAYOUT=per-commit.
+        repo = new_repo("per-commit, no prewarm")
+        with proxy_for(server, repo, LAYOUT="per-commit") as proxy:
+            ask(proxy, "What does f_1_1 return?")
+            edit_early_file(repo)
+            wait_for_head(proxy, repo.head())
+            per_commit = ask(proxy, "What is EARLY_6 now?")
+            print(f"      per-commit, after commit: {per_commit.describe()}")
+
+        # (iii) with prewarm.
+        repo = new_repo("per-commit with prewarm")
+        with proxy_for(server, repo, LAYOUT="per-commit", PREWARM="true") as proxy:
+            wait_for_log(proxy, rf"prewarm: base {repo.head()[:7]} prefilled")
+            ask(proxy, "What does f_1_1 return?")
+            committed = time.perf_counter()
+            head = edit_early_file(repo)
+            done = wait_for_log(proxy, rf"prewarm: base {head[:7]} prefilled in ([\d.]+) s \(.*\)")
+            ready = time.perf_counter() - committed
+            prewarmed = ask(proxy, "What is EARLY_6 now?")
+            print(
+                f"(iii) prewarm of the commit: {done.group(1)} s in llama-server, done {ready:.1f} s after the commit "
+                f"({done.group(0)})"
+            )
+            print(f"      per-commit + prewarm:    {prewarmed.describe()}")
+
+    print()
+    print(f"whole run: {time.perf_counter() - started:.0f} s; ratios measured in this one run:")
+    print(
+        f"(i)   warm/cold prefill (timings.prompt_ms): {warm.prompt_ms / cold.prompt_ms:.4f}  "
+        f"({warm.prompt_ms:.0f} / {cold.prompt_ms:.0f} ms; {cold.prompt_ms / warm.prompt_ms:.0f}x faster)"
+    )
+    print(f"      warm/cold wall time:                  {warm.wall_seconds / cold.wall_seconds:.4f}")
+    print(
+        f"(ii)  after a commit editing {EARLY_FILE}: append prefilled {append.prompt_n} tokens in "
+        f"{append.prompt_ms:.0f} ms, cached {append.cached_share * 100:.1f}% ({append.verdict}); per-commit "
+        f"{per_commit.prompt_n} tokens in {per_commit.prompt_ms:.0f} ms, cached "
+        f"{per_commit.cached_share * 100:.1f}% ({per_commit.verdict})"
+    )
+    print(
+        f"      per-commit/append prefill time: {per_commit.prompt_ms / append.prompt_ms:.1f}x; "
+        f"wall {per_commit.wall_seconds / append.wall_seconds:.1f}x"
+    )
+    with_prewarm, without = prewarmed.wall_seconds, per_commit.wall_seconds
+    print(
+        f"(iii) first question after a commit, per-commit layout: with prewarm {with_prewarm * 1000:.0f} ms, "
+        f"without {without * 1000:.0f} ms; with/without {with_prewarm / without:.4f} "
+        f"({without / with_prewarm:.0f}x faster)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modules", type=int, default=70, help="generated modules (plus two small files)")
+    parser.add_argument("--module-bytes", type=int, default=330, help="approximate size of each module")
+    parser.add_argument("--threads", type=int, default=None, help="llama-server threads (default: every core)")
+    parser.add_argument("--ctx-size", type=int, default=65536, help="llama-server context size")
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the with-blocks stop mitmdump and llama-server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # Hermetic git for the generated repositories: no user or system config (signing, hooks, templates).
+    os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
+    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+    with tempfile.TemporaryDirectory(prefix="scout-bench-llama-") as tmp:
+        run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; every process it started was stopped")
