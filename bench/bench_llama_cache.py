@@ -40,35 +40,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from llama_server import LlamaServer, run_llama_server, write_tiny_gguf
+from llama_server import EARLY_FILE, LlamaServer, edit_early_file, repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo, http_request, run_proxy
 
 CHAT = "/v1/chat/completions"
-EARLY_FILE = "1_early.py"
 TIMEOUT_SECONDS = 600
-
-
-def repo_files(marker: str, modules: int, module_bytes: int) -> dict[str, str | bytes]:
-    """A deterministic code base: a marker file, an early file, then ``modules`` modules of about module_bytes."""
-    files: dict[str, str | bytes] = {"0_marker.txt": f"repository for {marker}\n"}
-    files[EARLY_FILE] = "".join(f"EARLY_{i} = {i}  # an early constant\n" for i in range(12))
-    for m in range(modules):
-        lines = [f'"""Module {m}."""\n']
-        size = len(lines[0])
-        i = 0
-        while size < module_bytes:
-            line = f"def f_{m}_{i}(x):\n    return x * {i} + {m % 7}\n"
-            lines.append(line)
-            size += len(line)
-            i += 1
-        files[f"pkg/mod_{m:03d}.py"] = "".join(lines)
-    return files
-
-
-def edit_early_file(repo: Repo) -> str:
-    text = (repo.path / EARLY_FILE).read_text()
-    repo.write({EARLY_FILE: text.replace("EARLY_6 = 6 ", "EARLY_6 = 66")})
-    return repo.commit_all("change an early constant")
 
 
 @dataclass

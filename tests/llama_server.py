@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from support import Repo
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / ".ci" / "llama-server"
 
@@ -418,6 +420,35 @@ def run_llama_server(
         raise
     finally:
         _stop(server.process)
+
+
+# --- a code base for the cache tests and the benchmark --------------------------------------------
+
+EARLY_FILE = "1_early.py"  # second in path order, after the marker: an edit here changes the snapshot early
+
+
+def repo_files(marker: str, modules: int = 26, module_bytes: int = 300) -> dict[str, str]:
+    """A small deterministic code base: a marker file, an early file, ``modules`` modules of about module_bytes."""
+    files = {"0_marker.txt": f"repository for {marker}\n"}
+    files[EARLY_FILE] = "".join(f"EARLY_{i} = {i}  # an early constant\n" for i in range(12))
+    for m in range(modules):
+        lines = [f'"""Module {m}."""\n']
+        size = len(lines[0])
+        i = 0
+        while size < module_bytes:
+            line = f"def f_{m}_{i}(x):\n    return x * {i} + {m % 7}\n"
+            lines.append(line)
+            size += len(line)
+            i += 1
+        files[f"pkg/mod_{m:03d}.py"] = "".join(lines)
+    return files
+
+
+def edit_early_file(repo: Repo) -> str:
+    """Commit a one-line edit in the middle of EARLY_FILE; the new HEAD."""
+    text = (repo.path / EARLY_FILE).read_text()
+    repo.write({EARLY_FILE: text.replace("EARLY_6 = 6 ", "EARLY_6 = 66")})
+    return repo.commit_all("change an early constant")
 
 
 # --- recorded samples ----------------------------------------------------------------------------------

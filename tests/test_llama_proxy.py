@@ -26,36 +26,11 @@ from typing import Any
 import openai
 import pytest
 
-from llama_server import LlamaServer, run_llama_server, write_tiny_gguf
+from llama_server import EARLY_FILE, LlamaServer, edit_early_file, repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo
 
 StartProxy = Callable[..., Proxy]
-EARLY_FILE = "1_early.py"  # second in path order, after the marker: an edit here changes the snapshot early
 USER_HEADER_TOKENS = 1 + len("user") + 1 + 2  # <|header_start|> user <|header_end|> \n\n
-
-
-def repo_files(marker: str, modules: int = 26, module_bytes: int = 300) -> dict[str, str]:
-    """A small deterministic code base: a marker file, an early file, ``modules`` modules of about module_bytes."""
-    files = {"0_marker.txt": f"repository for {marker}\n"}
-    files[EARLY_FILE] = "".join(f"EARLY_{i} = {i}  # an early constant\n" for i in range(12))
-    for m in range(modules):
-        lines = [f'"""Module {m}."""\n']
-        size = len(lines[0])
-        i = 0
-        while size < module_bytes:
-            line = f"def f_{m}_{i}(x):\n    return x * {i} + {m % 7}\n"
-            lines.append(line)
-            size += len(line)
-            i += 1
-        files[f"pkg/mod_{m:02d}.py"] = "".join(lines)
-    return files
-
-
-def edit_early_file(repo: Repo) -> str:
-    """Commit a one-line edit in the middle of EARLY_FILE; the new HEAD."""
-    text = (repo.path / EARLY_FILE).read_text()
-    repo.write({EARLY_FILE: text.replace("EARLY_6 = 6 ", "EARLY_6 = 66")})
-    return repo.commit_all("change an early constant")
 
 
 # --- the server, shared by the module --------------------------------------------------------------
