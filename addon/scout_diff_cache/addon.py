@@ -42,7 +42,7 @@ from .history import history_limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ProxyMetrics
 from .mitm_internals import install_error_envelopes, remove_contentview, uninstall_error_envelopes
-from .prewarm import PrewarmTarget, describe, prewarm_body, reverse_target, send_prewarm_in_background
+from .prewarm import Prewarmer, PrewarmRequest, reverse_target
 from .prompt import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
 from .retention import BodyRetention, strip_context
 from .routes import CHAT_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
@@ -59,7 +59,7 @@ from .verdict import (
     estimate_snapshot_tokens,
     tools_key,
 )
-from .watcher import ChangeMonitor, Generation
+from .watcher import ChangeMonitor
 from .workdiff import DiffLimits
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class ScoutDiffCache:
         self._chats: dict[str, ChatFlow] = {}
         self._last_model: str | None = None  # the model clients ask for, for prewarm requests
         self._prewarm_task: asyncio.Task[None] | None = None
+        self.prewarmer = Prewarmer(self.metrics, self.tracker)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -561,55 +562,16 @@ class ScoutDiffCache:
         return json_response(200, report)
 
     async def _prewarm_loop(self) -> None:
-        """With PREWARM on: whenever the repository changed, prefill the upstream if the base is new."""
-        seen: Generation | None = None
-        warmed: tuple[str, str | None] | None = None
+        """With PREWARM on: every poll, the prewarmer prefills the upstream if HEAD got a new base."""
         while True:
             await asyncio.sleep(PREWARM_POLL_SECONDS)
             settings, provider = self.settings, self.provider
-            if settings is None or provider is None or not (settings.prewarm and settings.inject_context):
-                continue
-            if provider.monitor.generation == seen:
-                continue
-            seen = provider.monitor.generation
-            try:
-                context = await provider.current()
-            except GitError:
-                continue  # the request path reports it
-            base_url = reverse_target(ctx.options.mode)
-            if (
-                base_url is None
-                or context.snapshot.commit is None
-                or warmed == (base_url, context.snapshot.base_commit)
-            ):
-                continue
-            warmed = (base_url, context.snapshot.base_commit)
-            await self._prewarm(settings, context, base_url)
-
-    async def _prewarm(self, settings: Settings, context: RepoContext, base_url: str) -> None:
-        snapshot = context.snapshot
-        model = settings.upstream_model or self._last_model or settings.model_id
-        target = PrewarmTarget(
-            base_url,
-            model,
-            f"Bearer {settings.target_api_key}" if settings.target_api_key else None,
-            settings.upstream_timeout_ms / 1000 if settings.upstream_timeout_ms else None,
-            not ctx.options.ssl_insecure,
-        )
-        body = prewarm_body(model, [snapshot.message_json, context.diff.message_json])
-        logger.info(
-            "prewarm: sending base %s (%s) to %s", _short(snapshot.base_commit), human_bytes(len(body)), base_url
-        )
-        try:
-            result = await send_prewarm_in_background(target, body)
-        except Exception as e:
-            self.metrics.prewarms.labels("failed").inc()
-            logger.warning("prewarm of base %s failed: %s: %s", _short(snapshot.base_commit), type(e).__name__, e)
-            return
-        self.metrics.prewarms.labels("ok").inc()
-        self.metrics.prewarm_seconds.observe(result.seconds)
-        self.tracker.before_send(base_url, snapshot, None)  # the next question can expect a hit
-        logger.info("prewarm: base %s prefilled %s", _short(snapshot.base_commit), describe(result))
+            if settings is not None and provider is not None and settings.prewarm and settings.inject_context:
+                await self.prewarmer.poll(
+                    provider,
+                    reverse_target(ctx.options.mode),
+                    PrewarmRequest.for_settings(settings, self._last_model, not ctx.options.ssl_insecure),
+                )
 
     def _mask_upstream_key(self, flow: http.HTTPFlow) -> None:
         """Keep TARGET_API_KEY out of what mitmweb and mitmdump show once the request has gone."""

@@ -21,8 +21,14 @@ from dataclasses import dataclass
 
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from .config import Settings
+from .context import ContextProvider, RepoContext, human_bytes
+from .gitrepo import GitError
+from .metrics import ProxyMetrics
 from .prompt import ChatRequest, assemble_body
 from .usage import UpstreamUsage, usage_from_body
+from .verdict import CacheTracker
+from .watcher import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +36,23 @@ PREWARM_QUESTION = "."  # the smallest user turn; its tokens are not part of the
 
 
 @dataclass(frozen=True)
-class PrewarmTarget:
-    base_url: str  # scheme://host:port, as the addon names upstreams
+class PrewarmRequest:
+    """How to reach the upstream, from the settings."""
+
     model: str
     authorization: str | None
     timeout_seconds: float | None
     verify_tls: bool
+
+    @classmethod
+    def for_settings(cls, settings: Settings, clients_model: str | None, verify_tls: bool) -> PrewarmRequest:
+        """UPSTREAM_MODEL, else the model clients last asked for, else MODEL_ID; TARGET_API_KEY."""
+        return cls(
+            settings.upstream_model or clients_model or settings.model_id,
+            f"Bearer {settings.target_api_key}" if settings.target_api_key else None,
+            settings.upstream_timeout_ms / 1000 if settings.upstream_timeout_ms else None,
+            verify_tls,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,14 +79,12 @@ def prewarm_body(model: str, context_messages: list[bytes]) -> bytes:
     return assemble_body(request, context_messages).body
 
 
-def send_prewarm(target: PrewarmTarget, body: bytes) -> PrewarmResult:
+def send_prewarm(base_url: str, target: PrewarmRequest, body: bytes) -> PrewarmResult:
     """Blocking: POST the body to the upstream's chat endpoint; raises on any failure."""
     headers = {"content-type": "application/json"}
     if target.authorization:
         headers["authorization"] = target.authorization
-    request = urllib.request.Request(
-        target.base_url + "/v1/chat/completions", data=body, headers=headers, method="POST"
-    )
+    request = urllib.request.Request(base_url + "/v1/chat/completions", data=body, headers=headers, method="POST")
     context = None if target.verify_tls else ssl._create_unverified_context()
     started = time.perf_counter()
     try:
@@ -89,7 +104,7 @@ def describe(result: PrewarmResult) -> str:
     return f"in {result.seconds:.2f} s ({usage.prompt_tokens} prompt tokens{cached})"
 
 
-async def send_prewarm_in_background(target: PrewarmTarget, body: bytes) -> PrewarmResult:
+async def send_prewarm_in_background(base_url: str, target: PrewarmRequest, body: bytes) -> PrewarmResult:
     """send_prewarm in a daemon thread: a prefill of minutes must not hold up mitmdump's exit."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[PrewarmResult] = loop.create_future()
@@ -105,7 +120,7 @@ async def send_prewarm_in_background(target: PrewarmTarget, body: bytes) -> Prew
     def work() -> None:
         outcome: PrewarmResult | BaseException
         try:
-            outcome = send_prewarm(target, body)
+            outcome = send_prewarm(base_url, target, body)
         except BaseException as e:  # handed to the waiting task
             outcome = e
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
@@ -113,3 +128,44 @@ async def send_prewarm_in_background(target: PrewarmTarget, body: bytes) -> Prew
 
     threading.Thread(target=work, name="scout prewarm", daemon=True).start()
     return await future
+
+
+class Prewarmer:
+    """Remembers which base each upstream was last prewarmed with; sends when HEAD's base is new."""
+
+    def __init__(self, metrics: ProxyMetrics, tracker: CacheTracker) -> None:
+        self.metrics = metrics
+        self.tracker = tracker
+        self._seen: Generation | None = None
+        self._warmed: tuple[str, str | None] | None = None
+
+    async def poll(self, provider: ContextProvider, base_url: str | None, request: PrewarmRequest) -> None:
+        """If the repository changed since the last poll and its base is new, prefill it upstream."""
+        if provider.monitor.generation == self._seen:
+            return
+        self._seen = provider.monitor.generation
+        try:
+            context = await provider.current()
+        except GitError:
+            return  # the request path reports it
+        base = (base_url or "", context.snapshot.base_commit)
+        if base_url is None or context.snapshot.commit is None or self._warmed == base:
+            return
+        self._warmed = base
+        await self.send(base_url, request, context)
+
+    async def send(self, base_url: str, request: PrewarmRequest, context: RepoContext) -> None:
+        snapshot = context.snapshot
+        body = prewarm_body(request.model, [snapshot.message_json, context.diff.message_json])
+        base = (snapshot.base_commit or "unborn")[:7]
+        logger.info("prewarm: sending base %s (%s) to %s", base, human_bytes(len(body)), base_url)
+        try:
+            result = await send_prewarm_in_background(base_url, request, body)
+        except Exception as e:
+            self.metrics.prewarms.labels("failed").inc()
+            logger.warning("prewarm of base %s failed: %s: %s", base, type(e).__name__, e)
+            return
+        self.metrics.prewarms.labels("ok").inc()
+        self.metrics.prewarm_seconds.observe(result.seconds)
+        self.tracker.before_send(base_url, snapshot, None)  # the next question can expect a hit
+        logger.info("prewarm: base %s prefilled %s", base, describe(result))
