@@ -91,8 +91,9 @@ class SnapshotContent:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """Message 1, kept only as the JSON bytes spliced into requests (the text is decoded on demand)."""
+
     commit: str | None
-    text: str
     message_json: bytes
     file_count: int
     symlink_count: int
@@ -106,9 +107,17 @@ class Snapshot:
     history_chars: int = 0  # append-only layout: the length of the commit blocks at the end of text
 
     @property
+    def text(self) -> str:
+        """The message's content (decoded from message_json: 0.2 s for 40 MB; not kept twice in memory)."""
+        content = json.loads(self.message_json)["content"]
+        assert isinstance(content, str)
+        return content
+
+    @property
     def base_text(self) -> str:
         """The text without the history blocks: the base snapshot, its footer last."""
-        return self.text[: len(self.text) - self.history_chars]
+        text = self.text
+        return text[: len(text) - self.history_chars]
 
     @property
     def size(self) -> int:
@@ -258,7 +267,6 @@ def render_snapshot(
     )
     return Snapshot(
         commit=commit,
-        text=preamble + "".join(content.blocks) + footer,
         message_json=b"".join([MESSAGE_HEAD, *encoded, MESSAGE_END]),
         file_count=content.file_count,
         symlink_count=content.symlink_count,
@@ -289,7 +297,6 @@ def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str
     history = "".join(block for _, block in tail_blocks)
     return Snapshot(
         commit=head,
-        text=base.text + history,
         message_json=b"".join([base.message_json[:start], *encoded, MESSAGE_END]),
         file_count=base.file_count,
         symlink_count=base.symlink_count,
