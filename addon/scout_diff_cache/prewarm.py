@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +24,7 @@ from .context import ContextProvider, RepoContext, human_bytes
 from .gitrepo import GitError
 from .metrics import ProxyMetrics
 from .prompt import ChatRequest, assemble_body
+from .upstream import post_json
 from .usage import UpstreamUsage, usage_from_body
 from .verdict import CacheTracker
 from .watcher import Generation
@@ -81,15 +80,11 @@ def prewarm_body(model: str, context_messages: list[bytes]) -> bytes:
 
 def send_prewarm(base_url: str, target: PrewarmRequest, body: bytes) -> PrewarmResult:
     """Blocking: POST the body to the upstream's chat endpoint; raises on any failure."""
-    headers = {"content-type": "application/json"}
-    if target.authorization:
-        headers["authorization"] = target.authorization
-    request = urllib.request.Request(base_url + "/v1/chat/completions", data=body, headers=headers, method="POST")
-    context = None if target.verify_tls else ssl._create_unverified_context()
     started = time.perf_counter()
     try:
-        with urllib.request.urlopen(request, timeout=target.timeout_seconds, context=context) as response:
-            answer = response.read()
+        answer = post_json(
+            base_url + "/v1/chat/completions", body, target.authorization, target.timeout_seconds, target.verify_tls
+        )
     except urllib.error.HTTPError as e:
         detail = e.read()[:300].decode("utf-8", "replace")
         raise RuntimeError(f"the upstream answered {e.code}: {detail}") from None

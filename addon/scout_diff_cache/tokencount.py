@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .snapshot import Snapshot
+from .upstream import post_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +47,11 @@ class CountRequest:
 
 
 def _post(request: CountRequest, path: str, body: bytes) -> object:
-    headers = {"content-type": "application/json"}
-    if request.authorization:
-        headers["authorization"] = request.authorization
-    http_request = urllib.request.Request(request.base_url + path, data=body, headers=headers, method="POST")
-    context = None if request.verify_tls else ssl._create_unverified_context()
-    with urllib.request.urlopen(http_request, timeout=COUNT_TIMEOUT_SECONDS, context=context) as response:
-        try:
-            return json.loads(response.read())
-        except (ValueError, RecursionError):  # e.g. a catch-all HTML page: no such API here
-            raise NoCountApi(f"POST {path} answered something that is not JSON") from None
+    answer = post_json(request.base_url + path, body, request.authorization, COUNT_TIMEOUT_SECONDS, request.verify_tls)
+    try:
+        return json.loads(answer)
+    except (ValueError, RecursionError):  # e.g. a catch-all HTML page: no such API here
+        raise NoCountApi(f"POST {path} answered something that is not JSON") from None
 
 
 def _messages_body(snapshot: Snapshot, extra: dict[str, object]) -> bytes:

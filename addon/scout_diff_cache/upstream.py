@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
+import urllib.request
 
 from mitmproxy import http
 
@@ -100,3 +102,18 @@ class UpstreamDeadlines:
             # Still connecting: closing the attempt makes mitmproxy answer the client itself.
             close_server_connection(flow)
             logger.warning("upstream timeout after %d ms while connecting: connection attempt closed", timeout_ms)
+
+
+def post_json(url: str, body: bytes, authorization: str | None, timeout: float | None, verify_tls: bool) -> bytes:
+    """Blocking: POST a JSON body to the upstream (token counts, prewarm) and return the answer's body.
+
+    An HTTP error status raises urllib.error.HTTPError, a network failure OSError.
+    """
+    headers = {"content-type": "application/json"}
+    if authorization:
+        headers["authorization"] = authorization
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    context = None if verify_tls else ssl._create_unverified_context()
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+        answer: bytes = response.read()
+    return answer
