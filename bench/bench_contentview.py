@@ -24,14 +24,15 @@ from mitmproxy.test import taddons, tflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from scout_diff_cache.contentview import CHAT_VIEW, VIEW_NAME
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.flowdata import METADATA_KEY
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.mitm_internals import remove_contentview
-from scout_diff_cache.prompt import assemble_body, parse_chat_request
-from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot
-from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.chat.request import assemble_body, parse_chat_request
+from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.mitm.contentview import VIEW_NAME, ChatContentview
+from scout_diff_cache.mitm.internals import remove_contentview
+from scout_diff_cache.mitm.state import METADATA_KEY
+from scout_diff_cache.view.snapshot import SnapshotIndex
 from support import Repo, generated_files
 
 CLIENT_BODY = {
@@ -45,6 +46,9 @@ CLIENT_BODY = {
         {"role": "user", "content": "And where are the spans recorded?"},
     ],
 }
+
+
+CHAT_VIEW = ChatContentview(SnapshotIndex())
 
 
 def chat_flow(root: Path, files: int, file_kb: int) -> http.HTTPFlow:

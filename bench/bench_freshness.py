@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from scout_diff_cache.context import ContextProvider
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import SnapshotLimits
-from scout_diff_cache.watcher import ChangeMonitor
-from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.context.provider import ContextProvider
+from scout_diff_cache.context.snapshot import SnapshotLimits
+from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.git.watcher import ChangeMonitor
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "bench",

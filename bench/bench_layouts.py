@@ -46,20 +46,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from scout_diff_cache.config import Settings
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.history import History, HistoryLimits
-from scout_diff_cache.snapshot import (
+from scout_diff_cache.context.framing import system_message_json
+from scout_diff_cache.context.history import History, HistoryLimits
+from scout_diff_cache.context.snapshot import (
     APPEND_PREAMBLE,
     Snapshot,
     SnapshotLimits,
     build_snapshot,
     common_prefix_length,
-    system_message_json,
     with_history,
 )
-from scout_diff_cache.workdiff import DiffLimits, DiffParts, render_working_diff
+from scout_diff_cache.context.workdiff import DiffLimits, DiffParts, render_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.settings import Settings
 from support import Repo
 
 GOAL_SHARED_PERCENT = 97.0

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from scout_diff_cache.flowdata import TRIMMED_SNAPSHOT_PREFIX
+from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX
 from support import Repo, Upstream, free_port, generated_files, http_request, process_tree_rss, run_proxy, run_upstream
 
 CHAT = "/v1/chat/completions"

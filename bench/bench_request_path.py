@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.prompt import assemble_body, parse_chat_request
-from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot, system_message_json
+from scout_diff_cache.chat.request import assemble_body, parse_chat_request
+from scout_diff_cache.context.framing import system_message_json
+from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "bench",

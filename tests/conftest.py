@@ -5,10 +5,11 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from scout_diff_cache.addon import ScoutDiffCache
+from inprocess import ScoutAddons
 from support import SETTING_ENV_NAMES, Proxy, Repo, Upstream, run_proxy, run_upstream
 
 _GIT_HOME = tempfile.mkdtemp(prefix="scout-test-git-")
@@ -45,10 +46,14 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         counter = iter(range(1000))
 
         def factory(
-            upstream_url: str, env: Mapping[str, str], extra_args: tuple[str, ...] = (), wait: bool = True
+            upstream_url: str,
+            env: Mapping[str, str],
+            extra_args: tuple[str, ...] = (),
+            wait: bool = True,
+            **launch: Any,
         ) -> Proxy:
             work_dir = tmp_path / f"proxy{next(counter)}"
-            return stack.enter_context(run_proxy(upstream_url, work_dir, env, extra_args, wait))
+            return stack.enter_context(run_proxy(upstream_url, work_dir, env, extra_args, wait, **launch))
 
         yield factory
 
@@ -65,8 +70,8 @@ def clean_scout_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def addon(clean_scout_env: Path) -> Iterator[ScoutDiffCache]:
-    """The addon, for in-process tests with mitmproxy.test.taddons; its watcher is stopped after."""
-    instance = ScoutDiffCache()
+def addon(clean_scout_env: Path) -> Iterator[ScoutAddons]:
+    """The addon list, for in-process tests with mitmproxy.test.taddons; its watcher is stopped after."""
+    instance = ScoutAddons()
     yield instance
-    instance.done()
+    instance.stop()

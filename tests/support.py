@@ -560,11 +560,14 @@ def run_proxy(
     wait: bool = True,
     *,
     program: str = "mitmdump",
+    listen: tuple[str, ...] = ("--listen-host", "127.0.0.1"),
+    mode_suffix: str = "",
 ) -> Iterator[Proxy]:
     """Start ``mitmdump -s addon/scout.py`` in reverse mode in front of ``upstream_url``; stop it after.
 
     ``program="mitmweb"`` starts mitmweb instead (no browser opened; its web options go in extra_args)
-    and waits for its web server as well.
+    and waits for its web server as well. ``listen`` are the listen-host arguments (none: mitmproxy's
+    default); ``mode_suffix`` is added to the mode (``"@0.0.0.0:{port}"``, formatted with the port).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -572,8 +575,8 @@ def run_proxy(
     command = [
         str(Path(mitmdump_executable()).with_name(program)),
         "-s", str(SCRIPT),
-        "--mode", f"reverse:{upstream_url}",
-        "--listen-host", "127.0.0.1",
+        "--mode", f"reverse:{upstream_url}{mode_suffix.format(port=port)}",
+        *listen,
         "-p", str(port),
         "--set", f"confdir={work_dir / 'mitmproxy-conf'}",
         *(("--set", "web_open_browser=false") if program == "mitmweb" else ()),

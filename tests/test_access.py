@@ -12,8 +12,8 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
-from scout_diff_cache.access import bearer_token, is_authorized, is_loopback, open_listen_hosts
-from scout_diff_cache.addon import ScoutDiffCache
+from inprocess import ScoutAddons
+from scout_diff_cache.chat.access import bearer_token, is_authorized, is_loopback, open_listen_hosts
 from support import Proxy, Repo, Upstream
 
 PROXY_KEY = "sk-proxy-0123456789abcdef"
@@ -71,7 +71,7 @@ def test_open_listen_hosts() -> None:
 # --- the listen policy, in-process ----------------------------------------------------------------
 
 
-def test_default_listen_host_becomes_loopback(addon: ScoutDiffCache, make_repo: Callable[..., Repo]) -> None:
+def test_default_listen_host_becomes_loopback(addon: ScoutAddons, make_repo: Callable[..., Repo]) -> None:
     repo = make_repo({"a": "a\n"})
     with taddons.context(Proxyserver(), addon) as tctx:
         assert tctx.options.listen_host == ""  # mitmproxy's default: every interface
@@ -88,7 +88,7 @@ def test_default_listen_host_becomes_loopback(addon: ScoutDiffCache, make_repo: 
     ],
 )
 def test_open_listener_without_key_is_refused(
-    addon: ScoutDiffCache, make_repo: Callable[..., Repo], options: dict[str, object]
+    addon: ScoutAddons, make_repo: Callable[..., Repo], options: dict[str, object]
 ) -> None:
     repo = make_repo({"a": "a\n"})
     with taddons.context(Proxyserver(), addon) as tctx:
@@ -100,7 +100,7 @@ def test_open_listener_without_key_is_refused(
 
 @pytest.mark.parametrize("settings", [{"scout_proxy_api_key": PROXY_KEY}, {"scout_allow_remote_without_key": "true"}])
 def test_open_listener_with_key_or_explicit_opt_out_is_allowed(
-    addon: ScoutDiffCache, make_repo: Callable[..., Repo], settings: dict[str, str]
+    addon: ScoutAddons, make_repo: Callable[..., Repo], settings: dict[str, str]
 ) -> None:
     repo = make_repo({"a": "a\n"})
     with taddons.context(Proxyserver(), addon) as tctx:

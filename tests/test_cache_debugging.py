@@ -19,7 +19,7 @@ import pytest
 from mitmproxy import io
 from mitmproxy.http import HTTPFlow
 
-from scout_diff_cache.addon import METADATA_KEY
+from scout_diff_cache.mitm.state import METADATA_KEY
 from support import FakePrefixCache, HttpResult, Proxy, Repo, Upstream, generated_files, run_upstream
 
 CHAT = "/v1/chat/completions"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scout_diff_cache.config import (
+from scout_diff_cache.settings import (
     DEFAULT_CONFIG_FILE,
     SETTING_NAMES,
     ConfigError,

@@ -15,28 +15,26 @@ import pytest
 from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow
 
-from scout_diff_cache.contentview import (
-    CHAT_VIEW,
-    SMALL_MESSAGE_BYTES,
-    VIEW_NAME,
-    layout_from_spans,
-)
-from scout_diff_cache.errors import ApiError, error_response
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.history import History, HistoryLimits
-from scout_diff_cache.mitm_internals import remove_contentview
-from scout_diff_cache.prompt import assemble_body, parse_chat_request
-from scout_diff_cache.snapshot import (
+from scout_diff_cache.chat.errors import ApiError
+from scout_diff_cache.chat.request import assemble_body, parse_chat_request
+from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX, system_message_json
+from scout_diff_cache.context.history import History, HistoryLimits
+from scout_diff_cache.context.snapshot import (
     APPEND_PREAMBLE,
     PREAMBLE,
     SnapshotLimits,
     build_snapshot,
-    system_message_json,
     with_history,
 )
-from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.mitm.contentview import VIEW_NAME, ChatContentview
+from scout_diff_cache.mitm.hooks import error_response
+from scout_diff_cache.mitm.internals import remove_contentview
+from scout_diff_cache.mitm.state import METADATA_KEY
+from scout_diff_cache.view.request import SMALL_MESSAGE_BYTES, layout_from_spans
+from scout_diff_cache.view.snapshot import SnapshotIndex
 from support import Repo
 
 MakeRepo = Callable[..., Repo]
@@ -56,6 +54,10 @@ CLIENT_MESSAGES: list[dict[str, Any]] = [
     {"role": "tool", "tool_call_id": "call_1", "content": "src/parser.py:3: def parse(text):"},
     {"role": "user", "content": "And the tests?"},
 ]
+
+
+# The view as the addon registers it; its index of snapshot regions stays empty unless a test fills it.
+CHAT_VIEW = ChatContentview(SnapshotIndex())
 
 
 @pytest.fixture(autouse=True)
@@ -624,7 +626,24 @@ def test_an_append_layout_snapshot_shows_its_base_and_one_line_per_commit(make_r
         text = shown_request(chat_flow(request.body, metadata))
         assert f"commit: {base}" in text
         assert "history since the base: 2 commits" in text
-        assert f"  {commits[0][:12]} Change a  [a.py]" in text
-        assert f"  {commits[1][:12]} Add c d, remove b  [b.py, c d.py]" in text
+        assert f"  {commits[0][:7]} Change a  [a.py]" in text
+        assert f"  {commits[1][:7]} Add c d, remove b  [b.py, c d.py]" in text
         assert "The body is not shown." not in text
         assert "files: 2, symbolic links: 0" in text
+
+
+def test_with_the_recorded_regions_a_header_like_line_in_a_file_is_not_a_path(make_repo: MakeRepo) -> None:
+    """The proxy records where every block is when it builds a snapshot: the view lists exactly those."""
+    repo = make_repo({"a.txt": 'line\n<file path="not/a/file">\n', "z.txt": "z\n"})
+    (repo.path / "link").symlink_to("a.txt")
+    repo.commit_all("with a link")
+    request = build_request(repo, client_body())
+    snapshot = build_snapshot(GitRepo(str(repo.path)), request.commit, limits()[0])
+    index = SnapshotIndex()
+    index.remember(snapshot)
+    view = ChatContentview(index)
+    flow = chat_flow(request.body, request.metadata)
+    text = view.prettify(request.body, contentviews.Metadata(flow=flow, http_message=flow.request))
+    assert "=== snapshot paths (3) ===\na.txt\nlink -> a.txt\nz.txt\n" in text
+    assert "not/a/file" not in text
+    assert "block headers found in the text" not in text

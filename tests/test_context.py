@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from scout_diff_cache.context import ContextProvider, human_bytes
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitError, GitRepo
-from scout_diff_cache.snapshot import SnapshotLimits
-from scout_diff_cache.watcher import ChangeMonitor
-from scout_diff_cache.workdiff import DiffLimits
+from scout_diff_cache.context.provider import ContextProvider
+from scout_diff_cache.context.snapshot import SnapshotLimits
+from scout_diff_cache.context.workdiff import DiffLimits
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitError, GitRepo
+from scout_diff_cache.git.watcher import ChangeMonitor
+from scout_diff_cache.text import human_bytes
 from support import Repo
 
 
@@ -52,18 +53,26 @@ async def test_concurrent_requests_share_one_snapshot_build(make_repo: Callable[
 async def test_state_is_reread_only_after_a_change(make_repo: Callable[..., Repo]) -> None:
     repo = make_repo({"a.txt": "one\n"})
     provider = make_provider(repo)
+    head_reads: list[str | None] = []
+    read_head = provider.repo.head_commit
+
+    def counting_head_commit() -> str | None:
+        head_reads.append(read_head())
+        return head_reads[-1]
+
+    provider.repo.head_commit = counting_head_commit  # type: ignore[method-assign]
     try:
         await provider.current()
-        reads = provider.state_reads
+        reads = len(head_reads)
         for _ in range(20):
             await provider.current()
-        assert provider.state_reads == reads, "an unchanged repo must not be re-read per request"
+        assert len(head_reads) == reads, "an unchanged repo must not be re-read per request"
 
         (repo.path / "a.txt").write_text("two\n")
         await wait_for(lambda: provider.monitor.generation[0] > 0)
         context = await provider.current()
         assert "+two" in context.diff.text
-        assert provider.state_reads == reads + 1
+        assert len(head_reads) == reads + 1
     finally:
         provider.monitor.stop()
 

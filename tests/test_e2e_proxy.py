@@ -23,8 +23,9 @@ from mitmproxy.addons.view import View
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
-from scout_diff_cache.addon import ScoutDiffCache
-from scout_diff_cache.flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
+from inprocess import ScoutAddons
+from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX
+from scout_diff_cache.mitm.state import METADATA_KEY
 from support import (
     SETTING_ENV_NAMES,
     Proxy,
@@ -855,6 +856,7 @@ def test_target_api_key_replaces_the_clients_and_never_reaches_the_log(
         pytest.param(({"GIT_REPO_PATH": "{not_a_repo}"}, (), "git_repo_path"), id="not-a-repo"),
         pytest.param(({"GIT_REPO_PATH": "{missing}"}, (), "git_repo_path"), id="missing-dir"),
         pytest.param(({}, ("--set", "scout_inject_context=maybe"), "scout_inject_context"), id="inject-maybe"),
+        pytest.param(({}, ("--set", "scout_max_file_bytes=abc"), "scout_max_file_bytes"), id="option-not-a-number"),
         pytest.param(({"TARGET_API_KEY": "has space"}, (), "TARGET_API_KEY"), id="key-with-space"),
     ],
 )
@@ -887,7 +889,7 @@ async def test_a_replayed_flow_gets_its_context_once(
     repo: Repo = make_repo({"a.txt": "a\n"})
     config = tmp_path / "config.yaml"
     config.write_text("{}\n")
-    addon = ScoutDiffCache()
+    addon = ScoutAddons()
 
     with taddons.context(addon) as tctx:
         # tflow points at an unreachable "address:22": no reachability probe in-process
@@ -895,13 +897,13 @@ async def test_a_replayed_flow_gets_its_context_once(
             addon,
             scout_config=str(config),
             scout_git_repo_path=str(repo.path),
-            scout_upstream_connect_timeout_ms=0,
+            scout_upstream_connect_timeout_ms="0",
         )
         try:
             flow = tflow.tflow(
                 req=tutils.treq(method=b"POST", path=CHAT.encode(), content=chat_body("once")), resp=False
             )
-            await addon.request(flow)
+            await addon.send_request(flow)
             assert flow.response is None
             injected = flow.request.content
             assert injected is not None
@@ -910,13 +912,13 @@ async def test_a_replayed_flow_gets_its_context_once(
 
             # What client replay does: same flow, response cleared, is_replay set, request hook again.
             flow.is_replay = "request"
-            await addon.request(flow)
+            await addon.send_request(flow)
             assert flow.request.content == injected
 
             # A copy (as mitmweb's duplicate, or a flow read back from a file) keeps the metadata.
             copy = flow.copy()
             copy.is_replay = "request"
-            await addon.request(copy)
+            await addon.send_request(copy)
             assert copy.request.content == injected
 
             # A replayed flow that was never injected here gets its context once.
@@ -924,48 +926,46 @@ async def test_a_replayed_flow_gets_its_context_once(
                 req=tutils.treq(method=b"POST", path=CHAT.encode(), content=chat_body("fresh")), resp=False
             )
             fresh.is_replay = "request"
-            await addon.request(fresh)
+            await addon.send_request(fresh)
             assert fresh.request.content is not None
             assert len(json.loads(fresh.request.content)["messages"]) == 3
         finally:
-            addon.done()
+            addon.stop()
 
 
-async def test_a_replayed_trimmed_flow_gets_fresh_context_never_the_placeholder(
-    make_repo, addon: ScoutDiffCache
-) -> None:
+async def test_a_replayed_trimmed_flow_gets_fresh_context_never_the_placeholder(make_repo, addon: ScoutAddons) -> None:
     repo: Repo = make_repo({"a.txt": "a\n"})
     store = View()  # mitmweb's flow store: trimming only happens where flows are kept
     with taddons.context(addon, store) as tctx:
         tctx.configure(
             addon,
             scout_git_repo_path=str(repo.path),
-            scout_upstream_connect_timeout_ms=0,
-            scout_keep_full_bodies=0,
+            scout_upstream_connect_timeout_ms="0",
+            scout_keep_full_bodies="0",
         )
         flow = tflow.tflow(req=tutils.treq(method=b"POST", path=CHAT.encode(), content=chat_body("q")), resp=False)
-        await addon.request(flow)
+        await addon.send_request(flow)
         sent = flow.request.content
         assert sent is not None
         store.add([flow])
         flow.response = tutils.tresp(content=b'{"choices": []}')
-        addon.response(flow)
+        await addon.send_response(flow)
         trimmed = flow.request.raw_content
         assert trimmed is not None and TRIMMED_SNAPSHOT_PREFIX.encode() in trimmed and len(trimmed) < len(sent)
 
         flow.response = None
         flow.is_replay = "request"
-        await addon.request(flow)
+        await addon.send_request(flow)
         assert flow.response is None
         assert flow.request.content == sent  # same repository state: the very body sent the first time
         assert flow.request.headers["content-length"] == str(len(sent))
 
         # The question edited after the trim (mitmweb's editor): sent with it, context afresh.
         flow.response = tutils.tresp()
-        addon.response(flow)
+        await addon.send_response(flow)
         flow.request.raw_content = (flow.request.raw_content or b"").replace(b'"q"', b'"edited question"')
         flow.response = None
-        await addon.request(flow)
+        await addon.send_request(flow)
         assert flow.response is None
         replayed = json.loads(flow.request.content or b"")
         assert replayed["messages"][0] == json.loads(sent)["messages"][0]
@@ -973,10 +973,10 @@ async def test_a_replayed_trimmed_flow_gets_fresh_context_never_the_placeholder(
 
         # The placeholder itself edited: the context can no longer be told apart; refused, never sent.
         flow.response = tutils.tresp()
-        addon.response(flow)
+        await addon.send_response(flow)
         flow.request.raw_content = (flow.request.raw_content or b"").replace(b"[scout-diff-cache", b"[edited")
         flow.response = None
-        await addon.request(flow)
+        await addon.send_request(flow)
         assert flow.response is not None and flow.response.status_code == 400
         assert b"trimmed_flow_edited" in (flow.response.content or b"")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import EMPTY_TREE_SHA1, EMPTY_TREE_SHA256, GitError, GitRepo
-from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot
-from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import EMPTY_TREE_SHA1, EMPTY_TREE_SHA256, GitError, GitRepo
 from support import Repo
 
 MakeRepo = Callable[..., Repo]

@@ -22,15 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from scout_diff_cache import context as context_module
-from scout_diff_cache.context import ContextProvider
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.history import History, HistoryLimits, Tail
-from scout_diff_cache.snapshot import (
+from scout_diff_cache.context import provider as context_module
+from scout_diff_cache.context.framing import MESSAGE_END, MESSAGE_HEAD
+from scout_diff_cache.context.history import History, HistoryLimits, Tail
+from scout_diff_cache.context.provider import ContextProvider
+from scout_diff_cache.context.snapshot import (
     APPEND_PREAMBLE,
-    MESSAGE_END,
-    MESSAGE_HEAD,
     PREAMBLE,
     Snapshot,
     SnapshotLimits,
@@ -38,8 +35,11 @@ from scout_diff_cache.snapshot import (
     path_at,
     with_history,
 )
-from scout_diff_cache.watcher import ChangeMonitor
-from scout_diff_cache.workdiff import DiffLimits
+from scout_diff_cache.context.workdiff import DiffLimits
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.git.watcher import ChangeMonitor
+from scout_diff_cache.observe.metrics import ProxyMetrics
 from support import GIT_COMMIT_ENV, Repo
 
 NEVER_HALVE = 10**9  # a max_tail_percent no tail reaches
@@ -985,6 +985,7 @@ def make_provider(repo: Repo, history_limits: HistoryLimits) -> ContextProvider:
         monitor,
         limits(),
         DiffLimits(100_000, 1_000_000, FILTER),
+        observer=ProxyMetrics(),
         history_limits=history_limits,
     )
 
@@ -1025,8 +1026,10 @@ async def test_the_provider_builds_each_base_once_and_appends_commits(
 
     assert builds == [(heads[0], True), (heads[4], True)], "one base build per base"
     assert provider.snapshot_builds == 7
-    assert provider.metrics.registry.get_sample_value("scout_snapshot_builds_total") == 7
-    assert provider.metrics.registry.get_sample_value("scout_snapshot_bytes") == snapshots[-1].size
+    metrics = provider.observer
+    assert isinstance(metrics, ProxyMetrics)
+    assert metrics.registry.get_sample_value("scout_snapshot_builds_total") == 7
+    assert metrics.registry.get_sample_value("scout_snapshot_bytes") == snapshots[-1].size
     for previous, current in itertools.pairwise(snapshots[:4]):  # the same base: only appends
         assert current.message_json.startswith(previous.message_json[: -len(MESSAGE_END)])
 

@@ -32,9 +32,11 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from scout_diff_cache.addon import METADATA_KEY, ScoutDiffCache
-from scout_diff_cache.context import RepoContext
-from scout_diff_cache.prompt import MAX_NESTING
+from inprocess import ScoutAddons
+from scout_diff_cache.chat.request import MAX_NESTING
+from scout_diff_cache.context.provider import RepoContext
+from scout_diff_cache.mitm.forward import UpstreamForwarding
+from scout_diff_cache.mitm.state import METADATA_KEY
 from support import (
     SETTING_ENV_NAMES,
     Proxy,
@@ -553,7 +555,7 @@ def chat_bodies() -> st.SearchStrategy[bytes]:
 
 @dataclass
 class Harness:
-    addon: ScoutDiffCache
+    addon: ScoutAddons
     loop: asyncio.AbstractEventLoop
     upstream: Upstream
 
@@ -577,8 +579,8 @@ class Harness:
             content=body,
         )
         flow = tflow.tflow(req=request, resp=False)
-        self.run(self.addon.request(flow))
-        self.addon.deadlines.stop(flow)  # the flow goes nowhere: disarm its upstream timer
+        self.run(self.addon.send_request(flow))
+        self.addon.get(UpstreamForwarding).deadlines.stop(flow)  # the flow goes nowhere: disarm its timer
         return flow
 
 
@@ -593,7 +595,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         for name in SETTING_ENV_NAMES:
             env.delenv(name, raising=False)
         env.setenv("SCOUT_CONFIG", str(config))
-        addon = ScoutDiffCache()
+        addon = ScoutAddons()
         with taddons.context(addon) as tctx:
             try:
                 tctx.configure(addon, scout_config=str(config), scout_git_repo_path=str(repo.path))
@@ -602,7 +604,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
                 assert b"print('edited')" in context.diff.message_json  # a real diff, not "clean"
                 yield harness
             finally:
-                addon.done()
+                addon.stop()
 
 
 def assert_error(flow: http.HTTPFlow, body: bytes, status: int) -> dict[str, Any]:

@@ -33,12 +33,12 @@ import pytest
 from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from scout_diff_cache.context import ContextProvider
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
-from scout_diff_cache.watcher import ChangeMonitor
-from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.context.provider import ContextProvider
+from scout_diff_cache.context.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
+from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.git.watcher import ChangeMonitor
 from support import (
     GIT_COMMIT_ENV,
     Proxy,

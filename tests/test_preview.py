@@ -8,10 +8,10 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
-from scout_diff_cache.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.context.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
+from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
 from support import ROOT, SETTING_ENV_NAMES, Repo
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from scout_diff_cache.prompt import BadRequest, assemble_body, is_json_media_type, parse_chat_request
-from scout_diff_cache.snapshot import system_message_json
+from scout_diff_cache.chat.request import BadRequest, assemble_body, is_json_media_type, parse_chat_request
+from scout_diff_cache.context.framing import system_message_json
 
 SNAPSHOT = system_message_json('<file path="a.py">\nprint("é")\n</file>\n')
 DIFF = system_message_json("The working tree is clean.\n")

@@ -20,20 +20,23 @@ from mitmproxy.addons.view import View
 from mitmproxy.flow import Flow
 from mitmproxy.test import taddons, tflow
 
-from scout_diff_cache.flowdata import METADATA_KEY, TRIMMED_SNAPSHOT_PREFIX
-from scout_diff_cache.prompt import assemble_body, parse_chat_request
-from scout_diff_cache.retention import (
-    BodyRetention,
-    placeholder_text,
-    strip_context,
-)
-from scout_diff_cache.snapshot import system_message_json
+from scout_diff_cache.chat.request import assemble_body, parse_chat_request
+from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX, strip_context, system_message_json
+from scout_diff_cache.mitm.retention import BodyRetention, placeholder_text
+from scout_diff_cache.mitm.state import METADATA_KEY, ScoutState
 from support import Repo, Upstream, free_port, http_request, run_proxy
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SNAPSHOT = system_message_json('<file path="a.py">\nprint("é")\n</file>\n' * 200)
 DIFF = system_message_json("diff --git a/a.py b/a.py\n+print('new')\n")
 CLIENT_MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def keeping(keep: int) -> BodyRetention:
+    """The retention addon keeping the last ``keep`` full bodies."""
+    retention = BodyRetention(ScoutState())
+    retention.keep = keep
+    return retention
 
 
 def client_body(messages: list[dict[str, Any]] | None = None, **fields: Any) -> bytes:
@@ -85,7 +88,7 @@ def finish(view: View, retention: BodyRetention, *flows: http.HTTPFlow) -> None:
 
 
 def test_only_the_last_keep_flows_keep_their_snapshot(view: View) -> None:
-    retention = BodyRetention(keep=2)
+    retention = keeping(2)
     flows = [chat_flow() for _ in range(5)]
     for done, flow in enumerate(flows, start=1):
         finish(view, retention, flow)
@@ -93,7 +96,7 @@ def test_only_the_last_keep_flows_keep_their_snapshot(view: View) -> None:
 
 
 def test_keep_zero_trims_each_flow_when_it_is_done(view: View) -> None:
-    retention = BodyRetention(keep=0)
+    retention = keeping(0)
     flow = chat_flow()
     finish(view, retention, flow)
     assert is_trimmed(flow)
@@ -103,7 +106,7 @@ def test_trimmed_body_is_valid_json_with_every_other_part_unchanged(view: View) 
     flow = chat_flow(client_body(CLIENT_MESSAGES, stream=True, tools=[{"type": "function"}]))
     original = json.loads(flow.request.raw_content or b"")
     headers = flow.request.headers.copy()
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     trimmed = json.loads(flow.request.raw_content or b"")
     assert {k: v for k, v in trimmed.items() if k != "messages"} == {
         k: v for k, v in original.items() if k != "messages"
@@ -117,7 +120,7 @@ def test_trimmed_body_is_valid_json_with_every_other_part_unchanged(view: View) 
 
 def test_spans_point_at_the_placeholder_and_the_diff(view: View) -> None:
     flow = chat_flow()
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     record = flow.metadata[METADATA_KEY]
     body = flow.request.raw_content or b""
     start, end = record["snapshot_span"]
@@ -159,13 +162,13 @@ def test_edited_flows_are_left_alone(view: View, edit: Callable[[http.HTTPFlow],
     edit(flow)
     body = flow.request.raw_content
     record = dict(flow.metadata[METADATA_KEY])
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     assert flow.request.raw_content is body
     assert flow.metadata[METADATA_KEY] == record
 
 
 def test_live_and_queued_flows_are_left_alone_and_tried_again_later(view: View) -> None:
-    retention = BodyRetention(keep=2)
+    retention = keeping(2)
     sending, queued, newer, newest, last = (chat_flow() for _ in range(5))
     finish(view, retention, sending, queued)
     sending.live = True  # still sending its response to the client
@@ -178,14 +181,14 @@ def test_live_and_queued_flows_are_left_alone_and_tried_again_later(view: View) 
 
 
 def test_a_replayed_flow_moves_to_the_newest_place(view: View) -> None:
-    retention = BodyRetention(keep=2)
+    retention = keeping(2)
     first, second, third = (chat_flow() for _ in range(3))
     finish(view, retention, first, second, first, third)
     assert [is_trimmed(f) for f in (first, second, third)] == [False, True, False]
 
 
 def test_shrinking_keep_trims_the_excess_on_the_next_flow(view: View) -> None:
-    retention = BodyRetention(keep=5)
+    retention = keeping(5)
     flows = [chat_flow() for _ in range(5)]
     finish(view, retention, *flows)
     assert not any(is_trimmed(f) for f in flows)
@@ -203,14 +206,14 @@ def test_the_view_is_told_about_each_trimmed_flow(view: View) -> None:
         updated.append(flow.id)
 
     view.sig_view_update.connect(on_update)  # held weakly by the signal: keep the name alive
-    retention = BodyRetention(keep=1)
+    retention = keeping(1)
     older, newer = chat_flow(), chat_flow()
     finish(view, retention, older, newer)
     assert updated == [older.id]
 
 
 def test_flows_are_held_weakly(view: View) -> None:
-    retention = BodyRetention(keep=5)
+    retention = keeping(5)
     flow = chat_flow()
     finish(view, retention, flow)
     view.remove([flow])
@@ -221,7 +224,7 @@ def test_flows_are_held_weakly(view: View) -> None:
 
 
 def test_a_flow_removed_from_the_view_is_not_trimmed(view: View) -> None:
-    retention = BodyRetention(keep=1)
+    retention = keeping(1)
     removed, newer = chat_flow(), chat_flow()
     finish(view, retention, removed)
     view.remove([removed])
@@ -231,7 +234,7 @@ def test_a_flow_removed_from_the_view_is_not_trimmed(view: View) -> None:
 
 def test_without_a_flow_store_nothing_is_tracked_or_trimmed() -> None:
     """mitmdump has no View: flows die with their connection, trimming them would be wasted work."""
-    retention = BodyRetention(keep=0)
+    retention = keeping(0)
     flow = chat_flow()
     with taddons.context():  # type: ignore[no-untyped-call]
         retention.flow_done(flow)
@@ -247,7 +250,7 @@ def test_a_backup_sharing_the_body_is_trimmed_too(view: View) -> None:
     flow = chat_flow()
     flow.backup()  # type: ignore[no-untyped-call]
     flow.marked = ":star:"
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     assert is_trimmed(flow)
     trimmed = flow.request.raw_content
     flow.revert()  # type: ignore[no-untyped-call]
@@ -258,13 +261,13 @@ def test_a_backup_sharing_the_body_is_trimmed_too(view: View) -> None:
 
 def test_a_backup_of_another_body_is_left_alone(view: View) -> None:
     flow = chat_flow()
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     # A replay: the trimmed body is backed up, then a new full body is sent.
     flow.backup()  # type: ignore[no-untyped-call]
     fresh = chat_flow()
     flow.request.content = fresh.request.raw_content
     flow.metadata[METADATA_KEY] = fresh.metadata[METADATA_KEY]
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     assert is_trimmed(flow)
     flow.revert()  # type: ignore[no-untyped-call]
     assert is_trimmed(flow)
@@ -294,7 +297,7 @@ def test_strip_context_of_a_trimmed_flow(view: View) -> None:
     flow = chat_flow()
     original = flow.request.raw_content or b""
     spans = (flow.metadata[METADATA_KEY]["snapshot_span"], flow.metadata[METADATA_KEY]["diff_span"])
-    finish(view, BodyRetention(keep=0), flow)
+    finish(view, keeping(0), flow)
     record = flow.metadata[METADATA_KEY]
     stripped = strip_context(flow.request.raw_content or b"", (record["snapshot_span"], record["diff_span"]))
     assert stripped == strip_context(original, spans)

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitError, GitRepo
-from scout_diff_cache.snapshot import PREAMBLE, Snapshot, SnapshotLimits, build_snapshot, file_block, symlink_block
+from scout_diff_cache.context.snapshot import (
+    PREAMBLE,
+    Snapshot,
+    SnapshotLimits,
+    build_snapshot,
+    file_block,
+    symlink_block,
+)
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitError, GitRepo
 from support import ROOT, Repo, listed_items
 
 MakeRepo = Callable[..., Repo]
@@ -489,9 +496,9 @@ DETERMINISM_FILES: dict[str, str | bytes] = {
 
 BUILD_SCRIPT = """
 import sys
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitError, GitRepo
-from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitError, GitRepo
+from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
 repo = GitRepo(sys.argv[1])
 snapshot = build_snapshot(repo, repo.head_commit(), SnapshotLimits(1000, 1 << 20, PathFilter.build([], True)))
 sys.stdout.buffer.write(snapshot.message_json)

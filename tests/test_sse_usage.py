@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scout_diff_cache import usage as usage_module
-from scout_diff_cache.sse import SseSplitter, event_data, iter_event_data
-from scout_diff_cache.usage import (
+from scout_diff_cache.chat import usage as usage_module
+from scout_diff_cache.chat.sse import SseSplitter, event_data, iter_event_data
+from scout_diff_cache.chat.usage import (
     RECORDED_STREAM_LIMIT,
     StreamUsageTap,
     UpstreamUsage,
@@ -291,7 +292,6 @@ def test_openai_and_vllm_with_prompt_tokens_details() -> None:
         cached_tokens=119_984,
         evaluated_tokens=None,
         prompt_ms=None,
-        cached_source="usage.prompt_tokens_details.cached_tokens",
     )
 
 
@@ -320,7 +320,7 @@ def test_sglang_cache_report() -> None:
         },
     }
     result = usage_from_chunk(body)
-    assert result == UpstreamUsage(2048, 1024, None, None, "usage.prompt_tokens_details.cached_tokens")
+    assert result == UpstreamUsage(2048, 1024, None)
     assert result is not None
     assert result.reports_cache is True
 
@@ -341,20 +341,19 @@ def test_llamacpp_usage_details_and_timings() -> None:
         cached_tokens=20_000,  # usage wins over timings.cache_n
         evaluated_tokens=11,
         prompt_ms=110.25,
-        cached_source="usage.prompt_tokens_details.cached_tokens",
     )
 
 
 def test_llamacpp_timings_only() -> None:
     chunk = {"choices": [{"index": 0, "delta": {}}], "timings": {"cache_n": 300, "prompt_n": 25, "prompt_ms": 40}}
     result = usage_from_chunk(chunk)
-    assert result == UpstreamUsage(325, 300, 25, 40.0, "timings.cache_n")
+    assert result == UpstreamUsage(325, 300, 25, 40.0)
     assert result is not None
     assert isinstance(result.prompt_ms, float)
 
 
 def test_timings_without_cache_n() -> None:
-    assert usage_from_chunk({"timings": {"prompt_n": 9}}) == UpstreamUsage(None, None, 9, None, None)
+    assert usage_from_chunk({"timings": {"prompt_n": 9}}) == UpstreamUsage(None, None, 9, None)
     assert usage_from_chunk({"timings": {"prompt_ms": 3.5}}) is None
 
 
@@ -368,7 +367,7 @@ def test_invalid_cached_details_fall_back_to_timings() -> None:
         "usage": {"prompt_tokens": 50, "prompt_tokens_details": {"cached_tokens": -1}},
         "timings": {"cache_n": 40, "prompt_n": 10},
     }
-    assert usage_from_chunk(chunk) == UpstreamUsage(50, 40, 10, None, "timings.cache_n")
+    assert usage_from_chunk(chunk) == UpstreamUsage(50, 40, 10)
 
 
 @pytest.mark.parametrize(
@@ -387,12 +386,12 @@ def test_true_is_not_one() -> None:
     result = usage_from_chunk({"usage": {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": True}}})
     assert result == UpstreamUsage(prompt_tokens=10)
     result = usage_from_chunk({"timings": {"cache_n": True, "prompt_n": 4, "prompt_ms": True}})
-    assert result == UpstreamUsage(None, None, 4, None, None)
+    assert result == UpstreamUsage(None, None, 4, None)
 
 
 def test_zero_is_a_count() -> None:
     result = usage_from_chunk({"usage": {"prompt_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}})
-    assert result == UpstreamUsage(0, 0, None, None, "usage.prompt_tokens_details.cached_tokens")
+    assert result == UpstreamUsage(0, 0, None)
     assert result is not None
     assert result.reports_cache is True
 
@@ -421,9 +420,7 @@ def test_chunks_without_usable_usage(data: object) -> None:
 
 def test_usage_from_body() -> None:
     body = json.dumps({"choices": [], "usage": VLLM_USAGE}).encode()
-    assert usage_from_body(body) == UpstreamUsage(
-        120_000, 119_984, None, None, "usage.prompt_tokens_details.cached_tokens"
-    )
+    assert usage_from_body(body) == UpstreamUsage(120_000, 119_984, None, None)
 
 
 @pytest.mark.parametrize(
@@ -493,8 +490,7 @@ def test_removes_the_vllm_usage_chunk_and_keeps_every_other_byte() -> None:
     tap = StreamUsageTap(remove_usage=True)
     out = run_tap(tap, [VLLM_STREAM])
     assert out == VLLM_CLIENT_STREAM
-    assert tap.usage == UpstreamUsage(120_000, 119_984, None, None, "usage.prompt_tokens_details.cached_tokens")
-    assert tap.removed_events == 1
+    assert tap.usage == UpstreamUsage(120_000, 119_984, None)
     assert bytes(tap.recorded) == VLLM_CLIENT_STREAM
     assert tap.recording_truncated is False
 
@@ -548,7 +544,7 @@ def test_llamacpp_usage_chunk_with_timings_is_removed_and_read() -> None:
     tap = StreamUsageTap(remove_usage=True)
     out = run_tap(tap, split_at(stream, range(0, len(stream), 7)))
     assert out == b"".join([*kept, DONE])
-    assert tap.usage == UpstreamUsage(20_011, 20_000, 11, 93.5, "usage.prompt_tokens_details.cached_tokens")
+    assert tap.usage == UpstreamUsage(20_011, 20_000, 11, 93.5)
 
 
 def test_usage_and_timings_from_different_chunks_are_merged() -> None:
@@ -562,7 +558,7 @@ def test_usage_and_timings_from_different_chunks_are_merged() -> None:
     tap = StreamUsageTap(remove_usage=True)
     out = run_tap(tap, [stream])
     assert out == sse(content_chunk("x", "stop") | {"timings": {"cache_n": 7, "prompt_n": 3, "prompt_ms": 1.5}}) + DONE
-    assert tap.usage == UpstreamUsage(10, 7, 3, 1.5, "timings.cache_n")
+    assert tap.usage == UpstreamUsage(10, 7, 3, 1.5)
 
 
 @pytest.mark.parametrize("ending", [b"\n\n", b"\r\n\r\n"])
@@ -587,8 +583,7 @@ def test_usage_on_a_chunk_with_choices_is_removed_from_that_chunk_only(ending: b
     expected = {key: value for key, value in last.items() if key != "usage"}
     assert json.loads(event_data(rewritten) or "") == expected
     assert 'fin ✓ "quoted"'.encode() in rewritten.replace(b'\\"', b'"')  # UTF-8, not \\u escapes
-    assert tap.usage == UpstreamUsage(30, 16, 14, None, "usage.prompt_tokens_details.cached_tokens")
-    assert tap.removed_events == 1
+    assert tap.usage == UpstreamUsage(30, 16, 14)
 
 
 def test_events_that_are_not_json_pass_through_untouched() -> None:
@@ -596,7 +591,6 @@ def test_events_that_are_not_json_pass_through_untouched() -> None:
     tap = StreamUsageTap(remove_usage=True)
     assert run_tap(tap, split_at(stream, range(0, len(stream), 3))) == stream
     assert tap.usage is None
-    assert tap.removed_events == 0
 
 
 @pytest.mark.parametrize("remove_usage", [True, False])
@@ -614,8 +608,7 @@ def test_without_removal_the_output_is_the_input_chunk_for_chunk() -> None:
     for piece in pieces:
         assert tap(piece) == [piece]
     assert tap(b"") == b""
-    assert tap.usage == UpstreamUsage(120_000, 119_984, None, None, "usage.prompt_tokens_details.cached_tokens")
-    assert tap.removed_events == 0
+    assert tap.usage == UpstreamUsage(120_000, 119_984, None)
     assert bytes(tap.recorded) == VLLM_STREAM
 
 
@@ -704,9 +697,7 @@ LLAMA_SAMPLES = Path(__file__).parent / "data" / "llama_server"
 
 def test_a_recorded_llama_server_answer() -> None:
     usage = usage_from_body((LLAMA_SAMPLES / "chat-nonstream-cached.response.json").read_bytes())
-    assert usage == UpstreamUsage(
-        1660, 1626, 34, usage.prompt_ms if usage else None, "usage.prompt_tokens_details.cached_tokens"
-    )
+    assert usage == UpstreamUsage(1660, 1626, 34, usage.prompt_ms if usage else None)
     assert usage is not None and usage.prompt_ms is not None and usage.prompt_ms > 0
 
 
@@ -725,7 +716,8 @@ def test_a_recorded_llama_server_stream_without_usage_still_reports_its_cache_in
     body = (LLAMA_SAMPLES / "chat-stream-no-usage.response.sse").read_bytes()
     tap = StreamUsageTap(remove_usage=False)
     assert _flatten(tap(body)) == body and _flatten(tap(b"")) == b""
-    assert tap.usage is not None and tap.usage.cached_source == "timings.cache_n"
+    cache_n = max(int(n) for n in re.findall(rb'"cache_n":\s*(\d+)', body))
+    assert tap.usage is not None and tap.usage.cached_tokens == cache_n  # read from the timings
     assert tap.usage.prompt_tokens == (tap.usage.cached_tokens or 0) + (tap.usage.evaluated_tokens or 0)
 
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from scout_diff_cache import tokencount
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.snapshot import Snapshot, SnapshotContent, SnapshotLimits, file_block, render_snapshot
-from scout_diff_cache.tokencount import (
+from scout_diff_cache.context.snapshot import Snapshot, SnapshotContent, SnapshotLimits, file_block, render_snapshot
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.observe import tokencount
+from scout_diff_cache.observe.tokencount import (
     KEPT_COUNTS,
     RETRY_AFTER_SECONDS,
     CountRequest,
@@ -273,11 +273,10 @@ def test_counts_in_the_background_once_per_upstream_and_snapshot(upstream: Upstr
         counter.request(request_for(upstream), SNAPSHOT)
     join_workers()
     assert len(upstream.recorded) == 1
-    assert counter.counts_done == 1
 
     counter.request(request_for(upstream), OTHER)
     counter.request(request_for(second), SNAPSHOT)
-    wait_for(lambda: counter.counts_done == 3)
+    wait_for(lambda: None not in (counter.exact(upstream.url, OTHER), counter.exact(second.url, SNAPSHOT)))
     join_workers()
     assert counter.exact(upstream.url, OTHER) == fake_count(OTHER)[0]
     assert counter.exact(second.url, SNAPSHOT) == fake_count(SNAPSHOT)[0]
@@ -288,7 +287,7 @@ def test_counts_in_the_background_once_per_upstream_and_snapshot(upstream: Upstr
 
 def test_an_upstream_without_the_api_is_not_asked_again(caplog: pytest.LogCaptureFixture, upstream: Upstream) -> None:
     counter = TokenCounter()
-    caplog.set_level("INFO", logger="scout_diff_cache.tokencount")
+    caplog.set_level("INFO", logger="scout_diff_cache.observe.tokencount")
     upstream.behaviour.engine = None
     counter.request(request_for(upstream), SNAPSHOT)
     join_workers()
@@ -301,7 +300,7 @@ def test_an_upstream_without_the_api_is_not_asked_again(caplog: pytest.LogCaptur
     join_workers()
     assert len(upstream.recorded) == 2
     assert counter.exact(upstream.url, SNAPSHOT) is None
-    assert counter.counts_done == 0
+    assert counter.exact(upstream.url, OTHER) is None
 
 
 def test_no_second_count_while_one_is_under_way(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,7 +360,6 @@ def test_a_failure_is_retried_only_after_the_pause(
     join_workers()
     assert counter.exact(upstream.url, SNAPSHOT) == fake_count(SNAPSHOT)[0]
     assert [r.path for r in upstream.recorded] == ["/tokenize", "/apply-template", "/tokenize", "/tokenize"]
-    assert counter.counts_done == 2
 
 
 def test_only_the_latest_counts_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:

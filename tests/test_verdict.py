@@ -12,10 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scout_diff_cache import snapshot as snapshot_module
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import (
+from scout_diff_cache.chat.usage import UpstreamUsage
+from scout_diff_cache.context import snapshot as snapshot_module
+from scout_diff_cache.context.snapshot import (
     PREAMBLE,
     Snapshot,
     SnapshotContent,
@@ -28,8 +27,9 @@ from scout_diff_cache.snapshot import (
     symlink_block,
     with_history,
 )
-from scout_diff_cache.usage import UpstreamUsage
-from scout_diff_cache.verdict import (
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.observe.verdict import (
     ENGINE_HINT,
     ESTIMATE_TOLERANCE_SHARE,
     EXACT_TOLERANCE_TOKENS,
@@ -114,7 +114,7 @@ def history(**changes: object) -> SendHistory:
 
 
 def usage(prompt: int | None, cached: int | None) -> UpstreamUsage:
-    return UpstreamUsage(prompt, cached, None, None, DETAILS if cached is not None else None)
+    return UpstreamUsage(prompt, cached)
 
 
 SNAPSHOT, SNAPSHOT_ENTRIES = make_snapshot({f"f{i}.txt": f"line {i}\n" * 200 for i in range(5)})
@@ -161,7 +161,7 @@ def test_absent_count_reads_as_zero_once_the_upstream_has_reported_cache() -> No
 
 
 def test_absent_count_and_absent_prompt_tokens_stay_unknown() -> None:
-    verdict = classify(UpstreamUsage(None, None, 12, None, None), None, history(reports_cache=True), SNAPSHOT)
+    verdict = classify(UpstreamUsage(None, None, 12, None), None, history(reports_cache=True), SNAPSHOT)
     assert verdict.verdict == "unknown"
     assert verdict.cached_tokens is None
 

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from scout_diff_cache.exclusions import PathFilter
-from scout_diff_cache.gitrepo import GitRepo
-from scout_diff_cache.snapshot import SnapshotLimits, build_snapshot
-from scout_diff_cache.workdiff import (
-    DiffLimits,
-    WorkingDiff,
-    build_working_diff,
-    git_quote,
-    git_unquote,
-    new_file_patch,
-    patch_path,
-    split_patch,
-)
+from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
+from scout_diff_cache.context.workdiff import DiffLimits, WorkingDiff, build_working_diff
+from scout_diff_cache.git.exclusions import PathFilter
+from scout_diff_cache.git.patches import git_quote, git_unquote, new_file_patch, patch_path, split_patch
+from scout_diff_cache.git.repo import GitRepo
 from support import GIT_COMMIT_ENV, Repo, listed_items
 
 MakeRepo = Callable[..., Repo]

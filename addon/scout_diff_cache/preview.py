@@ -15,14 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
-from .context import ContextProvider, human_bytes
-from .exclusions import PathFilter
-from .gitrepo import GitError, GitRepo
-from .history import history_limits
-from .snapshot import SnapshotLimits
-from .watcher import ChangeMonitor
-from .workdiff import DiffLimits
+from .git.repo import GitError
+from .settings import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
+from .text import human_bytes
+from .wiring import context_provider
 
 # A rough rule for code with a Llama-style tokenizer; printed as an estimate, never as a count.
 BYTES_PER_TOKEN_ESTIMATE = 4
@@ -64,16 +60,9 @@ def run(argv: Sequence[str]) -> int:
     }
     try:
         settings, _ = load_settings(options, os.environ, resolve_config_path(args.config, os.environ))
-        path_filter = PathFilter.build(settings.exclude_path_patterns, settings.use_default_excludes)
-        repo = GitRepo(settings.git_repo_path)
-        # The addon's own provider, its change monitor not started: one read, as the proxy would make it.
-        provider = ContextProvider(
-            repo,
-            ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir]),
-            SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
-            DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
-            history_limits=history_limits(settings),
-        )
+        # The proxy's own provider, its change monitor not started: one read, as the proxy would make it.
+        provider = context_provider(settings, watch=False)
+        repo = provider.repo
         context = asyncio.run(provider.current())
     except (ConfigError, GitError, ValueError) as e:
         print(f"preview: {e}", file=sys.stderr)

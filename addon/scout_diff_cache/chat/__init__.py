@@ -1,0 +1,1 @@
+"""The chat completions API: request parsing and splicing, errors, routes, access rules, SSE and usage."""

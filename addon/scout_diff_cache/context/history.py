@@ -1,0 +1,161 @@
+"""The append-only layout: a base snapshot at commit B, then one block per commit from B to HEAD.
+
+A prefix cache keeps only the bytes before the first difference. A snapshot rebuilt per commit
+differs from the first changed file on; here a new commit only appends a block, so everything
+before it stays cached. The base moves rarely, by a rule that depends on nothing but HEAD's
+first-parent history and the settings, so every replica and every restart agrees on the bytes:
+
+1. Let d be HEAD's first-parent depth (commits before it on the first-parent chain) and E the
+   setting ``base_every_commits``. The candidate base is HEAD's first-parent ancestor at depth
+   ``d - d % E``: the base moves once every E commits.
+2. If the tail (the blocks from the candidate base to HEAD) is larger than ``max_tail_percent``
+   of the candidate base's files, the rule is tried again with E halved (E/2, E/4, ... 1; at
+   E = 1 the base is HEAD and the tail is empty).
+
+Each block holds the commit's message and its changes against its first parent: a patch, or
+with ``history_full_files`` the full new text of each changed file. Following the first-parent
+chain, the base plus the blocks is exactly HEAD's content (merges, rebases, branch switches and
+force-pushes only change which chain that is), within the same exclusions and size limits as
+the snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..git.exclusions import PathFilter
+from ..git.patches import split_patch
+from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange
+from ..text import decode_utf8, display, is_binary, listing, quoted
+from .snapshot import SnapshotContent, SnapshotLimits, file_block, select_entries
+
+KEPT_BLOCKS = 4096
+
+
+@dataclass(frozen=True)
+class HistoryLimits:
+    """The settings the layout depends on; with SnapshotLimits, part of every cache key."""
+
+    base_every_commits: int
+    max_tail_percent: int
+    full_files: bool
+
+
+@dataclass(frozen=True)
+class Tail:
+    base: str
+    commits: tuple[str, ...]
+    blocks: tuple[str, ...]
+
+
+class History:
+    """Renders and caches commit blocks and picks the base for a HEAD (blocking: run in a thread)."""
+
+    def __init__(self, repo: GitRepo, snapshot_limits: SnapshotLimits, limits: HistoryLimits) -> None:
+        self.repo = repo
+        self.snapshot_limits = snapshot_limits
+        self.limits = limits
+        self._blocks: OrderedDict[str, str] = OrderedDict()
+        self._base_bytes: dict[str, int] = {}
+        self._lock = threading.Lock()  # two HEADs may be worked out at once, in two threads
+
+    def tail_for(self, head: str) -> Tail:
+        """The base and the tail for ``head``, by the rule in the module docstring."""
+        with self._lock:
+            return self._tail_for(head)
+
+    def _tail_for(self, head: str) -> Tail:
+        depth = self.repo.first_parent_depth(head)
+        every = self.limits.base_every_commits
+        while True:
+            steps = depth % every
+            base = self.repo.first_parent_ancestor(head, steps) if steps else head
+            commits = tuple(self.repo.first_parent_chain(base, head)) if steps else ()
+            blocks = tuple(self.block(commit) for commit in commits)
+            tail_bytes = sum(len(block.encode("utf-8")) for block in blocks)
+            if every == 1 or tail_bytes * 100 <= self.limits.max_tail_percent * self.base_bytes(base):
+                return Tail(base, commits, blocks)
+            every //= 2
+
+    def base_bytes(self, commit: str) -> int:
+        """The size of the files a snapshot of ``commit`` includes (from the tree's sizes: no reads)."""
+        if commit not in self._base_bytes:
+            entries = select_entries(self.repo.ls_tree(commit), self.snapshot_limits, SnapshotContent())
+            total = sum(entry.size or 0 for entry in entries)
+            self._base_bytes[commit] = min(total, self.snapshot_limits.max_snapshot_bytes)
+        return self._base_bytes[commit]
+
+    def block(self, commit: str) -> str:
+        if commit in self._blocks:
+            self._blocks.move_to_end(commit)
+            return self._blocks[commit]
+        block = self._render(commit)
+        self._blocks[commit] = block
+        while len(self._blocks) > KEPT_BLOCKS:
+            self._blocks.popitem(last=False)
+        return block
+
+    def _render(self, commit: str) -> str:
+        parent, message = self.repo.commit_parent_and_message(commit)
+        changes = self.repo.commit_changes(parent or self.repo.empty_tree, commit)
+        path_filter: PathFilter = self.snapshot_limits.path_filter
+        excluded = sorted(c.path for c in changes if path_filter.excludes(c.path))
+        kept = sorted((c for c in changes if not path_filter.excludes(c.path)), key=lambda c: c.path)
+        too_large: list[bytes] = []
+        if self.limits.full_files:
+            body = self._full_files(kept, too_large)
+        else:
+            body = self._patches(parent or self.repo.empty_tree, commit, kept, too_large)
+        parent_attribute = f' parent="{parent}"' if parent else ""
+        notes = _listing("changed files excluded by path pattern", excluded) + _listing(
+            f"changed files over the per-file limit of {self.snapshot_limits.max_file_bytes} bytes", too_large
+        )
+        text = decode_utf8(message)
+        if text and not text.endswith("\n"):
+            text += "\n"
+        return f'<commit id="{commit}"{parent_attribute}>\n<message>\n{text}</message>\n{body}{notes}</commit>\n'
+
+    def _patches(self, parent: str, commit: str, kept: Sequence[RawChange], too_large: list[bytes]) -> str:
+        patch = self.repo.commit_patch(parent, commit, [c.path for c in kept])
+        wanted = {c.path for c in kept}
+        parts = []
+        for path, file_patch in split_patch(patch):
+            if path not in wanted:
+                continue  # under a kept path that became a folder, but excluded itself (conf -> conf/.env)
+            if len(file_patch) > self.snapshot_limits.max_file_bytes:
+                too_large.append(path)
+            else:
+                parts.append(decode_utf8(file_patch))
+        return "".join(parts)
+
+    def _full_files(self, kept: Sequence[RawChange], too_large: list[bytes]) -> str:
+        present = [c for c in kept if c.new_mode not in (MODE_MISSING, MODE_SUBMODULE)]
+        sizes = self.repo.blob_sizes([c.new_oid for c in present])
+        readable = [c for c in present if sizes.get(c.new_oid, 0) <= self.snapshot_limits.max_file_bytes]
+        too_large.extend(c.path for c in present if c not in readable)
+        contents = dict(
+            zip((c.path for c in readable), self.repo.read_blobs([c.new_oid for c in readable]), strict=True)
+        )
+        parts = []
+        for change in kept:
+            if change.new_mode == MODE_MISSING:
+                parts.append(f"<deleted path={quoted(change.path)}/>\n")
+            elif change.new_mode == MODE_SUBMODULE:
+                parts.append(f"<submodule path={quoted(change.path)} commit={quoted(change.new_oid.encode())}/>\n")
+            elif change.path in contents:
+                data = contents[change.path]
+                if change.new_mode == MODE_SYMLINK:
+                    parts.append(f"<symlink path={quoted(change.path)} target={quoted(data)}/>\n")
+                elif is_binary(data):
+                    parts.append(f"<binary path={quoted(change.path)} bytes={len(data)}/>\n")
+                else:
+                    parts.append(file_block(change.path, data))
+        return "".join(parts)
+
+
+def _listing(title: str, paths: Sequence[bytes]) -> str:
+    block = listing(title, [display(p) for p in paths])
+    return f"<left_out>\n{block}</left_out>\n" if block else ""

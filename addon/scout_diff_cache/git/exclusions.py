@@ -1,0 +1,82 @@
+"""Path exclusions in gitignore syntax (``pathspec``), shared by the snapshot and the diff."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pathspec
+
+from ..text import path_key
+
+# Small on purpose: noise that costs tokens (lock files, vendored dependencies, minified bundles)
+# and files that usually hold secrets. Users re-include with "!pattern" in EXCLUDE_PATH_PATTERNS
+# or drop the whole list with USE_DEFAULT_EXCLUDES=false.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    # lock files
+    "package-lock.json",
+    "npm-shrinkwrap.json",
+    "yarn.lock",
+    "pnpm-lock.yaml",
+    "bun.lockb",
+    "bun.lock",
+    "poetry.lock",
+    "Pipfile.lock",
+    "uv.lock",
+    "pdm.lock",
+    "Cargo.lock",
+    "composer.lock",
+    "Gemfile.lock",
+    "go.sum",
+    "flake.lock",
+    "Podfile.lock",
+    "packages.lock.json",
+    "mix.lock",
+    "pubspec.lock",
+    # vendored dependencies
+    "node_modules/",
+    # minified bundles and their source maps
+    "*.min.js",
+    "*.min.mjs",
+    "*.min.css",
+    "*.bundle.js",
+    "*.js.map",
+    "*.css.map",
+    # environment files
+    ".env",
+    ".env.*",
+    "*.env",
+    # private keys and key stores
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "id_rsa",
+    "id_dsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "*.ppk",
+    ".netrc",
+    ".npmrc",
+    ".pypirc",
+)
+
+
+@dataclass(frozen=True)
+class PathFilter:
+    """Decides which repository paths are excluded; patterns are evaluated in order, last match wins."""
+
+    patterns: tuple[str, ...]
+    _spec: pathspec.GitIgnoreSpec = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_spec", pathspec.GitIgnoreSpec.from_lines(self.patterns))
+
+    @classmethod
+    def build(cls, user_patterns: Sequence[str], use_defaults: bool) -> PathFilter:
+        return cls((*(DEFAULT_EXCLUDES if use_defaults else ()), *user_patterns))
+
+    def excludes(self, path: bytes) -> bool:
+        return self._spec.match_file(path_key(path))

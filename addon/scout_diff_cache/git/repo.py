@@ -1,0 +1,338 @@
+"""Read-only access to the watched git repository.
+
+Every command runs with ``GIT_OPTIONAL_LOCKS=0`` and only plumbing that never writes: no index
+refresh, no ``index.lock``, nothing under ``.git`` is modified. Blobs are read from the object
+database (``ls-tree`` + one ``cat-file --batch``), never from the working tree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+# Modes and kinds as git writes them in ls-tree and raw diff output.
+MODE_SYMLINK = "120000"
+MODE_SUBMODULE = "160000"
+MODE_MISSING = "000000"  # the side of a raw diff entry where the path does not exist
+MODE_FILE = "100644"
+MODE_EXECUTABLE = "100755"
+BLOB_MODES = (MODE_FILE, MODE_EXECUTABLE, MODE_SYMLINK)
+KIND_SUBMODULE = "commit"
+
+EMPTY_TREE_SHA1 = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+EMPTY_TREE_SHA256 = "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321"
+
+# Output-shaping configuration pinned on the command line so a user's git config cannot change
+# what we produce (prefixes, colours, external diff drivers, path quoting).
+_PINNED_CONFIG = (
+    "-c",
+    "core.quotePath=false",
+    "-c",
+    "diff.noprefix=false",
+    "-c",
+    "diff.mnemonicPrefix=false",
+    "-c",
+    "diff.external=",
+    "-c",
+    "color.ui=never",
+    # Patch bytes must not depend on the machine: these change blank context lines, hunk
+    # boundaries, and (attributes) hunk headers or text/binary.
+    "-c",
+    "diff.suppressBlankEmpty=false",
+    "-c",
+    "diff.indentHeuristic=true",
+    "-c",
+    "core.attributesFile=/dev/null",
+)
+
+_SCRUBBED_ENV = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_COMMON_DIR",
+)
+
+
+class GitError(Exception):
+    """A git operation failed; the message says which and why, for the 500 envelope."""
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One entry of ``git ls-tree -r -l``: kind is blob, commit (a submodule) or tree."""
+
+    mode: str
+    kind: str
+    oid: str
+    size: int | None
+    path: bytes
+
+
+@dataclass(frozen=True)
+class RawChange:
+    """One entry of ``git diff-index`` raw output (a path that may differ from the commit).
+
+    ``new_oid`` is all zeros when git did not hash the working-tree file: the index entry's stat
+    data no longer matches (an edit, or only a touch), so the content may still be unchanged.
+    """
+
+    status: str
+    old_mode: str
+    new_mode: str
+    old_oid: str
+    new_oid: str
+    path: bytes
+
+
+# Every patch the proxy sends is made with these: the same bytes whatever the user's git config.
+PATCH_FLAGS = (
+    "-p",
+    "--full-index",
+    "--no-renames",
+    "--no-color",
+    "--no-ext-diff",
+    "--no-textconv",
+    "--src-prefix=a/",
+    "--dst-prefix=b/",
+    "--no-relative",
+    "-U3",
+    "--inter-hunk-context=0",
+    "--diff-algorithm=myers",
+    "--ignore-submodules=none",
+)
+
+
+def _parse_raw(out: bytes) -> list[RawChange]:
+    """``git diff-index``/``diff-tree -r -z`` raw output as entries."""
+    fields = iter(out.split(b"\0"))
+    changes = []
+    for meta in fields:
+        if not meta.startswith(b":"):
+            continue
+        old_mode, new_mode, old_oid, new_oid, status = meta[1:].decode().split()
+        changes.append(RawChange(status[:1], old_mode, new_mode, old_oid, new_oid, next(fields)))
+    return changes
+
+
+def _git_env(toplevel: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(
+        GIT_OPTIONAL_LOCKS="0",
+        LC_ALL="C",
+        LANG="C",
+        GIT_TERMINAL_PROMPT="0",
+        GIT_PAGER="cat",
+        GIT_ATTR_NOSYSTEM="1",
+        # Never discover a repository above the work tree (if its .git goes away, fail instead).
+        GIT_CEILING_DIRECTORIES=str(toplevel.parent),
+    )
+    return env
+
+
+class GitRepo:
+    """A git work tree, opened once; all reads go through short-lived git processes."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            repo = git.Repo(path, search_parent_directories=True)
+        except git.NoSuchPathError:
+            raise GitError(f"{path} does not exist") from None
+        except git.InvalidGitRepositoryError:
+            raise GitError(f"{path} is not inside a git repository") from None
+        try:
+            if repo.bare or repo.working_tree_dir is None:
+                raise GitError(f"{path} is a bare repository; point GIT_REPO_PATH at a work tree")
+            self.toplevel = Path(repo.working_tree_dir)
+            self.git_dir = Path(repo.git_dir)
+            self.common_dir = Path(repo.common_dir)
+        finally:
+            repo.close()
+        self.object_format = self.run("rev-parse", "--show-object-format").decode().strip() or "sha1"
+
+    @property
+    def empty_tree(self) -> str:
+        return EMPTY_TREE_SHA256 if self.object_format == "sha256" else EMPTY_TREE_SHA1
+
+    def run(self, *args: str, ok_codes: Sequence[int] = (0,), stdin: bytes | None = None) -> bytes:
+        """Run a git command in the work tree and return stdout; failures raise GitError."""
+        return self._run(list(args), ok_codes, stdin)[1]
+
+    def _start_error(self, error: OSError) -> GitError:
+        if isinstance(error, NotADirectoryError):
+            return GitError(f"the repository path {self.toplevel} is no longer a directory")
+        if not self.toplevel.is_dir():
+            return GitError(f"the repository directory {self.toplevel} no longer exists")
+        if isinstance(error, FileNotFoundError):
+            return GitError("the git executable was not found on PATH")
+        return GitError(f"git could not be started in {self.toplevel}: {error}")
+
+    def _run(self, args: list[str], ok_codes: Sequence[int], stdin: bytes | None = None) -> tuple[int, bytes]:
+        command = ["git", *_PINNED_CONFIG, *args]
+        try:
+            proc = subprocess.run(
+                command,
+                check=False,
+                cwd=self.toplevel,
+                env=_git_env(self.toplevel),
+                input=stdin if stdin is not None else b"",
+                capture_output=True,
+            )
+        except OSError as e:
+            raise self._start_error(e) from None
+        if proc.returncode not in ok_codes:
+            detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise GitError(f"git {args[0]} failed in {self.toplevel}: {' '.join(detail[-3:]) or proc.returncode}")
+        return proc.returncode, proc.stdout
+
+    def head_commit(self) -> str | None:
+        """The commit HEAD points to, or None while HEAD is unborn (no commit yet)."""
+        code, out = self._run(["rev-parse", "-q", "--verify", "HEAD^{commit}"], ok_codes=(0, 1))
+        if code == 0:
+            return out.decode().strip()
+        code, ref = self._run(["symbolic-ref", "-q", "HEAD"], ok_codes=(0, 1))
+        if code == 0:
+            branch = ref.decode().strip()
+            code, _ = self._run(["rev-parse", "-q", "--verify", branch], ok_codes=(0, 1))
+            if code == 1:
+                return None
+        raise GitError(f"HEAD of {self.toplevel} does not point to a commit")
+
+    def ls_tree(self, commit: str) -> list[TreeEntry]:
+        """Every entry of the commit's tree, recursively, with blob sizes."""
+        out = self.run("ls-tree", "-r", "-z", "-l", "--full-tree", commit)
+        entries = []
+        for record in out.split(b"\0"):
+            if not record:
+                continue
+            meta, _, path = record.partition(b"\t")
+            mode, kind, oid, size = meta.decode().split()
+            entries.append(TreeEntry(mode, kind, oid, None if size == "-" else int(size), path))
+        return entries
+
+    def read_blobs(self, oids: Sequence[str]) -> Generator[bytes]:
+        """Contents of the given blobs, in order, through one ``git cat-file --batch`` process."""
+        if not oids:
+            return
+        try:
+            proc = subprocess.Popen(
+                ["git", "cat-file", "--batch"],
+                cwd=self.toplevel,
+                env=_git_env(self.toplevel),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as e:
+            raise self._start_error(e) from None
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(b"".join(oid.encode() + b"\n" for oid in oids))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+        writer = threading.Thread(target=feed, name="scout-cat-file-writer", daemon=True)
+        writer.start()
+        try:
+            for oid in oids:
+                header = proc.stdout.readline().split()
+                if len(header) != 3:
+                    error = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
+                    raise GitError(f"git cat-file could not read object {oid}: {error or b' '.join(header)!r}")
+                size = int(header[2])
+                data = proc.stdout.read(size)
+                proc.stdout.read(1)
+                if len(data) != size:
+                    raise GitError(f"git cat-file returned a truncated object {oid}")
+                yield data
+        finally:
+            proc.kill()
+            proc.wait()
+            writer.join()
+            proc.stdout.close()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    def changed_paths(self, commit: str) -> list[RawChange]:
+        """Paths whose working-tree state differs from the commit (tracked files only)."""
+        return _parse_raw(self.run("diff-index", "-z", "--no-renames", "--ignore-submodules=none", commit, "--"))
+
+    def blob_sizes(self, oids: Sequence[str]) -> dict[str, int]:
+        """Sizes of the given blobs (``git cat-file --batch-check``); missing objects are left out."""
+        if not oids:
+            return {}
+        out = self.run("cat-file", "--batch-check", stdin=b"".join(oid.encode() + b"\n" for oid in oids))
+        sizes = {}
+        for line in out.decode().splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[1] == "blob":
+                sizes[fields[0]] = int(fields[2])
+        return sizes
+
+    def patch(self, commit: str, paths: Sequence[bytes]) -> bytes:
+        """``git diff-index -p`` of the working tree against the commit, limited to the given paths."""
+        return self._chunked_patch(["diff-index", commit], paths)
+
+    def _chunked_patch(self, command: list[str], paths: Sequence[bytes]) -> bytes:
+        """A patch with pinned, machine-independent flags, for the paths in batches of 500."""
+        if not paths:
+            return b""
+        subcommand, *revisions = command
+        out = []
+        for start in range(0, len(paths), 500):
+            chunk = [os.fsdecode(p) for p in paths[start : start + 500]]
+            out.append(self.run("--literal-pathspecs", subcommand, *PATCH_FLAGS, *revisions, "--", *chunk))
+        return b"".join(out)
+
+    def first_parent_depth(self, commit: str) -> int:
+        """Commits before ``commit`` on its first-parent chain (0 for a root; counts what a shallow clone has)."""
+        return int(self.run("rev-list", "--first-parent", "--count", commit, "--").decode()) - 1
+
+    def first_parent_ancestor(self, commit: str, steps: int) -> str:
+        """The commit ``steps`` first-parent steps before ``commit``."""
+        out = self.run("rev-list", "--first-parent", f"--skip={steps}", "--max-count=1", commit, "--")
+        return out.decode().strip()
+
+    def first_parent_chain(self, base: str, head: str) -> list[str]:
+        """The commits after ``base`` up to ``head`` along the first-parent chain, oldest first."""
+        out = self.run("rev-list", "--first-parent", "--reverse", f"{base}..{head}", "--")
+        return out.decode().split()
+
+    def commit_parent_and_message(self, commit: str) -> tuple[str | None, bytes]:
+        """The commit's first parent (None for a root) and its raw message."""
+        raw = self.run("cat-file", "commit", commit)
+        headers, _, message = raw.partition(b"\n\n")
+        parents = [line.split()[1].decode() for line in headers.split(b"\n") if line.startswith(b"parent ")]
+        return (parents[0] if parents else None), message
+
+    def commit_changes(self, parent: str, commit: str) -> list[RawChange]:
+        """What ``commit`` changed against ``parent``, as raw entries."""
+        out = self.run("diff-tree", "-r", "-z", "--no-renames", "--ignore-submodules=none", parent, commit, "--")
+        return _parse_raw(out)
+
+    def commit_patch(self, parent: str, commit: str, paths: Sequence[bytes]) -> bytes:
+        """``git diff-tree -p`` between two commits, limited to the given paths."""
+        return self._chunked_patch(["diff-tree", "-r", parent, commit], paths)
+
+    def untracked_paths(self) -> list[bytes]:
+        """Untracked files that are not ignored (``.gitignore``, ``info/exclude``, core.excludesFile)."""
+        out = self.run(
+            "ls-files",
+            "-z",
+            "--others",
+            "--exclude-standard",
+            "--full-name",
+            "--",
+            ":/",
+        )
+        return [p for p in out.split(b"\0") if p]

@@ -1,0 +1,41 @@
+"""The proxy as a list of small mitmproxy addons sharing one state object; the list is the table of contents.
+
+Order matters where hooks of several addons meet: the settings first (every other addon reads
+them in its own ``configure``), the request hooks in the order a request needs them (auth, the
+proxy's own endpoints, the rewrite, then forwarding), the verdict before body retention.
+"""
+
+from __future__ import annotations
+
+from .auth import ClientAuth
+from .contentview import ChatView
+from .endpoints import LocalEndpoints
+from .envelopes import ErrorEnvelopes
+from .forward import UpstreamForwarding
+from .gc import GcPacing
+from .inject import ContextInjection
+from .listen import ListenGuard
+from .options import ScoutOptions
+from .prewarm import Prewarm
+from .retention import BodyRetention
+from .state import ScoutState
+from .verdicts import CacheVerdicts
+
+
+def make_addons(state: ScoutState | None = None) -> list[object]:
+    """The addons, in order, over one shared state."""
+    state = state or ScoutState()
+    return [
+        ScoutOptions(state),  # settings: scout_* options, the repository context
+        ListenGuard(state),  # loopback by default, lazy connections, tcp_timeout
+        ErrorEnvelopes(state),  # mitmproxy's own error answers as OpenAI envelopes
+        ChatView(state),  # mitmweb's "Scout chat" content view
+        ClientAuth(state),  # request: PROXY_API_KEY
+        LocalEndpoints(state),  # request: /health, /metrics, /v1/models
+        ContextInjection(state),  # request: snapshot + working diff + the client's messages
+        UpstreamForwarding(state),  # request: TARGET_API_KEY, reachability, the response deadline
+        CacheVerdicts(state),  # response: usage, verdict, headers, log line, metrics
+        BodyRetention(state),  # response: trim old flows' snapshots in mitmweb
+        Prewarm(state),  # running: prefill a new base upstream
+        GcPacing(state),  # response: full collections paced by spliced bytes
+    ]

@@ -1,0 +1,88 @@
+"""The paths the proxy answers itself: /health, /metrics, and the model list for OpenAI clients."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from mitmproxy import http
+
+from .. import __version__
+from ..chat.errors import ApiError
+from ..chat.routes import HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
+from ..context.provider import ContextProvider
+from ..git.repo import GitError
+from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..settings import Settings
+from .hooks import error_response, json_response, request_hook
+from .state import ScoutState
+
+
+class LocalEndpoints:
+    def __init__(self, state: ScoutState) -> None:
+        self.state = state
+
+    @request_hook
+    async def request(self, flow: http.HTTPFlow) -> None:
+        settings, provider = self.state.configured()
+        path = route_path(flow.request.path)
+        method = flow.request.method.upper()
+        if path == HEALTH_PATH and method in ("GET", "HEAD"):
+            flow.response = await self.health(settings, provider)
+        elif path == METRICS_PATH and method in ("GET", "HEAD"):
+            flow.response = http.Response.make(200, self.state.metrics.render(), {"content-type": METRICS_CONTENT_TYPE})
+        elif settings.inject_context and method == "GET" and path == MODELS_PATH:
+            flow.response = json_response(200, {"object": "list", "data": [model_card(settings.model_id)]})
+        elif settings.inject_context and method == "GET" and path.startswith(MODELS_PATH + "/"):
+            # Clients percent-encode the id ("meta-llama/..." arrives as "meta-llama%2F...").
+            flow.response = model_lookup(unquote(path.removeprefix(MODELS_PATH + "/")), settings.model_id)
+
+    async def health(self, settings: Settings, provider: ContextProvider) -> http.Response:
+        report: dict[str, Any] = {
+            "status": "ok",
+            "version": __version__,
+            "repo": str(provider.repo.toplevel),
+            "inject_context": settings.inject_context,
+            "model": settings.model_id,
+            "watching_changes": provider.monitor.watching,
+        }
+        try:
+            context = await provider.current()
+        except GitError as e:
+            report.update(status="error", error=str(e))
+            return json_response(503, report)
+        snapshot, diff = context.snapshot, context.diff
+        report.update(
+            head=snapshot.commit,
+            snapshot={
+                "commit": snapshot.commit,
+                "base_commit": snapshot.base_commit,
+                "history_commits": snapshot.tail_commits,
+                "bytes": snapshot.size,
+                "files": snapshot.file_count,
+                "symlinks": snapshot.symlink_count,
+                "left_out": snapshot.skipped_count,
+            },
+            diff={"bytes": diff.size, "files": diff.included_files, "left_out": diff.left_out_files},
+            snapshot_builds=provider.snapshot_builds,
+            cache=self.state.tracker.recent_summary(),
+        )
+        return json_response(200, report)
+
+
+def model_card(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "scout-diff-cache"}
+
+
+def model_lookup(requested: str, model_id: str) -> http.Response:
+    if requested == model_id:
+        return json_response(200, model_card(model_id))
+    return error_response(
+        ApiError(
+            404,
+            f"The model '{requested}' does not exist; this proxy serves '{model_id}'",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    )

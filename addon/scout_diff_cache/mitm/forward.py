@@ -1,0 +1,76 @@
+"""Upstream forwarding: credentials, reachability, the response deadline, and masking the upstream key.
+
+The last request hook before mitmproxy sends a request upstream. It swaps the client's key for
+TARGET_API_KEY (or drops PROXY_API_KEY), answers a 503 at once when the upstream does not accept
+a connection, and arms UPSTREAM_TIMEOUT_MS. It also refuses a chat request that should carry
+context and does not: nothing upstream of it may forward a bare chat request by mistake.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from ..chat.errors import ApiError
+from ..chat.routes import CHAT_PATH, route_path
+from ..chat.upstream import probe_upstream
+from .deadline import UpstreamDeadlines
+from .hooks import request_hook
+from .state import METADATA_KEY, ScoutState
+
+MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
+
+
+class UpstreamForwarding:
+    def __init__(self, state: ScoutState) -> None:
+        self.state = state
+        self.deadlines = UpstreamDeadlines()
+
+    @request_hook
+    async def request(self, flow: http.HTTPFlow) -> None:
+        settings, _ = self.state.configured()
+        if settings.inject_context and self._bare_chat(flow):
+            raise ApiError(500, "internal proxy error: a chat request has no context", "server_error", "internal_error")
+        if settings.target_api_key is not None:
+            flow.request.headers["authorization"] = f"Bearer {settings.target_api_key}"
+        elif settings.proxy_api_key is not None:
+            flow.request.headers.pop("authorization", None)  # the proxy's key is not the upstream's
+        if settings.upstream_connect_timeout_ms:
+            unreachable = await probe_upstream(
+                flow.request.host, flow.request.port, settings.upstream_connect_timeout_ms
+            )
+            if unreachable is not None:
+                raise unreachable
+        record = self.state.chats.get(flow.id)
+        if record is not None:
+            record.authorization = flow.request.headers.get("authorization")
+        self.deadlines.start(flow, settings.upstream_timeout_ms)
+
+    def _bare_chat(self, flow: http.HTTPFlow) -> bool:
+        """A chat POST that got no context: neither rewritten now nor a replay sent as edited."""
+        if route_path(flow.request.path) != CHAT_PATH or flow.request.method.upper() != "POST":
+            return False
+        replayed_as_edited = flow.is_replay == "request" and METADATA_KEY in flow.metadata
+        return flow.id not in self.state.chats and not replayed_as_edited
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.stop(flow)
+        self._mask_upstream_key(flow)
+        if flow.response is not None and "text/event-stream" in flow.response.headers.get("content-type", ""):
+            flow.response.stream = True  # passed on event by event, not buffered (chat answers get a usage tap)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.response_sent(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.deadlines.stop(flow)
+        self._mask_upstream_key(flow)
+
+    def done(self) -> None:
+        self.deadlines.stop_all()
+
+    def _mask_upstream_key(self, flow: http.HTTPFlow) -> None:
+        """Keep TARGET_API_KEY out of what mitmweb and mitmdump show once the request has gone."""
+        settings = self.state.settings
+        key = settings.target_api_key if settings is not None else None
+        if key is not None and flow.request.headers.get("authorization") == f"Bearer {key}":
+            flow.request.headers["authorization"] = MASKED_AUTHORIZATION

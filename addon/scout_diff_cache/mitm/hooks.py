@@ -1,0 +1,69 @@
+"""The two rules every request hook keeps, in one place: answer-first-wins, and fail closed.
+
+mitmproxy runs each addon's ``request`` hook in turn; when one raises, it logs the exception and
+goes on with the next addon, and then forwards the request as it is: a chat request would reach
+the model server without its context. ``request_hook`` wraps an addon's hook so that it does
+nothing once another addon has answered (``flow.response`` is set), and so that any exception
+it raises becomes the client's answer: an ``ApiError`` as its own envelope, anything else as a
+500, logged with its traceback. An answered flow is never forwarded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from mitmproxy import http
+
+from ..chat.errors import ApiError, internal_error
+from .state import ScoutState
+
+logger = logging.getLogger(__name__)
+
+
+class HasState(Protocol):
+    state: ScoutState
+
+
+def json_response(status: int, payload: object, headers: dict[str, str] | None = None) -> http.Response:
+    body = json.dumps(payload, ensure_ascii=False, indent=None).encode("utf-8")
+    return http.Response.make(status, body, {"content-type": "application/json", **(headers or {})})
+
+
+def error_response(error: ApiError) -> http.Response:
+    response = json_response(error.status, error.envelope())
+    if error.status == 401:
+        response.headers["www-authenticate"] = 'Bearer realm="scout-diff-cache"'
+    return response
+
+
+def answer_error(state: ScoutState, flow: http.HTTPFlow, error: ApiError) -> None:
+    """Answer the flow with an error envelope, counted; a rewritten chat is marked as answered here."""
+    flow.response = error_response(error)
+    state.metrics.error(error.status, "proxy")
+    record = state.chats.get(flow.id)
+    if record is not None:
+        record.proxy_error = error
+
+
+def request_hook[A: HasState](
+    hook: Callable[[A, http.HTTPFlow], Awaitable[None]],
+) -> Callable[[A, http.HTTPFlow], Awaitable[None]]:
+    """Wrap an addon's ``request`` hook: skip answered flows; turn every failure into the answer."""
+
+    @functools.wraps(hook)
+    async def guarded(addon: A, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        try:
+            await hook(addon, flow)
+        except ApiError as e:
+            answer_error(addon.state, flow, e)
+        except Exception as e:
+            logger.exception("scout-diff-cache: %s failed on %s", type(addon).__name__, flow.request.path)
+            answer_error(addon.state, flow, internal_error(e))
+
+    return guarded

@@ -1,0 +1,176 @@
+"""Context injection: every chat request goes upstream as snapshot, working diff, then the client's messages.
+
+Only the client's own body is parsed; the context messages are spliced in as the JSON bytes they
+were built as. The rewrite is recorded for the other addons: a ``ChatRecord`` in the shared state
+(what was sent, for the verdict) and a small dict in ``flow.metadata`` (sizes and the context
+messages' spans in the body, for mitmweb, replays and body retention).
+
+A replayed flow (mitmweb's replay, ``client_replay``) gets the context as it is now, never its
+stored one: a stored flow may have had its snapshot trimmed from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import http
+
+from ..chat.errors import ApiError
+from ..chat.request import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
+from ..chat.routes import CHAT_PATH, route_path
+from ..chat.usage import ask_for_stream_usage
+from ..context.framing import strip_context
+from ..context.provider import ContextProvider, RepoContext
+from ..git.repo import GitError
+from ..observe.verdict import tools_key
+from ..settings import Settings
+from ..text import human_bytes, short_commit
+from .hooks import error_response, request_hook
+from .state import METADATA_KEY, ChatRecord, ScoutState
+
+logger = logging.getLogger(__name__)
+
+
+class ContextInjection:
+    def __init__(self, state: ScoutState) -> None:
+        self.state = state
+
+    @request_hook
+    async def request(self, flow: http.HTTPFlow) -> None:
+        settings, provider = self.state.configured()
+        if route_path(flow.request.path) != CHAT_PATH:
+            return
+        method = flow.request.method.upper()
+        if not settings.inject_context:
+            if method == "POST":
+                self.state.metrics.answered("passthrough", None)
+        elif method == "POST":
+            await self.inject(flow, settings, provider)
+        elif method != "OPTIONS":  # a CORS preflight goes to the upstream, which answers it
+            flow.response = error_response(
+                ApiError(
+                    405,
+                    f"{method} is not allowed on {CHAT_PATH}; use POST",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                )
+            )
+            flow.response.headers["allow"] = "POST, OPTIONS"
+
+    async def inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
+        started = time.perf_counter()
+        body = flow.request.get_content(strict=False) or b""
+        if flow.is_replay == "request" and METADATA_KEY in flow.metadata:
+            replayed = replayed_client_body(flow)
+            if replayed is None:
+                logger.info("replayed chat request: edited in mitmweb, sent as it is now")
+                return
+            body = replayed  # the client's part; the context is injected afresh below
+        content_type = flow.request.headers.get("content-type")
+        if content_type is not None and not is_json_media_type(content_type):
+            raise ApiError(
+                415,
+                f"Content-Type must be application/json, not {content_type!r}",
+                "invalid_request_error",
+                "unsupported_media_type",
+            )
+        try:
+            chat = parse_chat_request(body)
+        except BadRequest as e:
+            raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
+        usage_added = settings.stream_usage and ask_for_stream_usage(chat.fields)
+        client_model = chat.fields.get("model")
+        if isinstance(client_model, str) and client_model:
+            self.state.last_model = client_model
+        context = await context_or_error(provider)
+        assembled = assemble_body(
+            chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model
+        )
+        body = assembled.body
+        flow.request.headers.pop("content-encoding", None)
+        # The answer is read for its usage: an uncompressed one, which on a local link costs nothing.
+        flow.request.headers.pop("accept-encoding", None)
+        flow.request.headers["content-type"] = "application/json"
+        flow.request.content = body
+        self.state.spliced_bytes += len(body)
+        self.state.snapshot_index.remember(context.snapshot)
+        base_url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
+        history = self.state.tracker.before_send(base_url, context.snapshot, tools_key(chat.fields))
+        self.state.chats[flow.id] = ChatRecord(
+            snapshot=context.snapshot,
+            diff_bytes=context.diff.size,
+            history=history,
+            base_url=base_url,
+            model=settings.upstream_model or (client_model if isinstance(client_model, str) else None),
+            usage_added=usage_added,
+            messages_bytes=len(body) - assembled.context_spans[0][0],
+            started=started,
+        )
+        self.state.metrics.injected(len(body), context.diff.size)
+        annotate(flow, context, assembled)
+        flow.metadata[METADATA_KEY].update(expected=history.expectation(), stream_usage_added=usage_added)
+        logger.debug(
+            "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
+            short_commit(context.snapshot.commit),
+            human_bytes(context.snapshot.size),
+            context.snapshot.file_count,
+            human_bytes(context.diff.size),
+            context.diff.included_files,
+            human_bytes(len(body)),
+            (time.perf_counter() - started) * 1000,
+        )
+
+
+def replayed_client_body(flow: http.HTTPFlow) -> bytes | None:
+    """A replayed flow's own body less the context it was sent with, or None if it was edited.
+
+    Every replay gets the context as it is now: a stored flow may have had its snapshot trimmed
+    from memory, and a placeholder must never reach the upstream.
+    """
+    record = flow.metadata[METADATA_KEY]
+    try:
+        return strip_context(flow.request.raw_content or b"", (record["snapshot_span"], record["diff_span"]))
+    except (ValueError, KeyError, TypeError):
+        if record.get("snapshot_trimmed"):
+            raise ApiError(
+                400,
+                "this replayed flow was edited after its snapshot was trimmed from memory "
+                "(KEEP_FULL_BODIES), so its context cannot be told apart from the client's messages; "
+                "send the request again instead",
+                "invalid_request_error",
+                "trimmed_flow_edited",
+            ) from None
+        return None
+
+
+async def context_or_error(provider: ContextProvider) -> RepoContext:
+    try:
+        return await provider.current()
+    except GitError as e:
+        raise ApiError(500, f"cannot read the git repository: {e}", "server_error", "git_error") from None
+
+
+def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody) -> None:
+    """The flow's metadata (small: sizes and spans, no snapshot) and its mitmweb comment."""
+    snapshot_span, diff_span = assembled.context_spans
+    flow.metadata[METADATA_KEY] = {
+        "commit": context.snapshot.commit,
+        "snapshot_bytes": context.snapshot.size,
+        "snapshot_files": context.snapshot.file_count,
+        "snapshot_span": snapshot_span,
+        "base_commit": context.snapshot.base_commit,
+        "tail_commits": context.snapshot.tail_commits,
+        # Where the history blocks start in the body (append-only layout), for the content view.
+        "history_start": None
+        if context.snapshot.history_start is None
+        else snapshot_span[0] + context.snapshot.history_start,
+        "diff_bytes": context.diff.size,
+        "diff_files": context.diff.included_files,
+        "diff_span": diff_span,
+        "body_bytes": len(assembled.body),
+    }
+    flow.comment = (
+        f"snap {short_commit(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "
+        f"diff {human_bytes(context.diff.size)}"
+    )

@@ -1,0 +1,181 @@
+"""Every use of mitmproxy's private proxy internals, kept in this one module.
+
+mitmproxy has no first-byte timeout and no public way to answer a request that is already waiting
+for the upstream's response headers (``flow.kill()`` does nothing then, and the ``error`` hook
+cannot change what the client gets). This module does both through the proxyserver addon's
+connection handlers (pinned to mitmproxy 12.3; ``tests/test_upstream_faults.py`` fails if an
+upgrade breaks it):
+
+- ``answer_waiting_flow`` hands the flow's HTTP stream a complete response, as if the upstream had
+  sent it, through the same route ``inject.websocket`` uses (``Proxyserver.inject_event``). The
+  stream then runs the usual ``responseheaders``/``response`` hooks and sends it to the client.
+- ``close_server_connection`` closes the flow's upstream connection, so the model server sees the
+  client go away and stops generating.
+- ``install_error_envelopes`` makes the answers mitmproxy writes itself to HTTP/1 clients (a
+  connection the upstream refused or dropped, a broken upstream response, a malformed client
+  request) OpenAI error envelopes instead of HTML pages, with 503 for a failed upstream connect.
+- ``restart_listeners`` binds the proxy's listeners again with the current options: mitmproxy
+  binds them before it loads ``-s`` scripts, so a listen address the addon chose came too late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import contentviews, ctx, http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import events
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseData, ResponseEndOfMessage, ResponseHeaders
+from mitmproxy.proxy.mode_specs import ProxyMode
+
+logger = logging.getLogger(__name__)
+
+_UNUSED_STREAM_ID = 0  # the HTTP layer routes injected events by the flow's connection, not by this
+
+
+class _InjectedResponseHeaders(ResponseHeaders, events.MessageInjected[None]):
+    def __init__(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        self.flow = flow
+        self.message = None
+        self.stream_id = _UNUSED_STREAM_ID
+        self.response = response
+        self.end_stream = False
+
+
+class _InjectedResponseData(ResponseData, events.MessageInjected[None]):
+    def __init__(self, flow: http.HTTPFlow, data: bytes) -> None:
+        self.flow = flow
+        self.message = None
+        self.stream_id = _UNUSED_STREAM_ID
+        self.data = data
+
+
+class _InjectedResponseEnd(ResponseEndOfMessage, events.MessageInjected[None]):
+    def __init__(self, flow: http.HTTPFlow) -> None:
+        self.flow = flow
+        self.message = None
+        self.stream_id = _UNUSED_STREAM_ID
+
+
+def _proxyserver() -> Any:
+    return ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+
+
+def listen_addresses() -> list[tuple[str, int]]:
+    """The (host, port) of every socket mitmproxy's proxy servers listen on now."""
+    proxyserver = _proxyserver()
+    if proxyserver is None:
+        return []
+    return [(str(address[0]), int(address[1])) for address in proxyserver.listen_addrs()]
+
+
+async def restart_listeners() -> None:
+    """Stop every proxy server and start them again: they bind the addresses the options give now."""
+    servers = _proxyserver().servers
+    await servers.update([])
+    await servers.update([ProxyMode.parse(spec) for spec in ctx.options.mode])
+
+
+def _connection_handler(flow: http.HTTPFlow) -> Any:
+    connections = getattr(_proxyserver(), "connections", {})
+    return connections.get(flow.client_conn.id)
+
+
+def upstream_connected(flow: http.HTTPFlow) -> bool:
+    """True while the flow's upstream connection is open (the request has gone out on it)."""
+    handler = _connection_handler(flow)
+    return (
+        handler is not None
+        and flow.server_conn in handler.transports
+        and flow.server_conn.timestamp_tcp_setup is not None
+        and flow.server_conn.timestamp_end is None
+    )
+
+
+def answer_waiting_flow(flow: http.HTTPFlow, response: http.Response) -> bool:
+    """Deliver ``response`` to a flow that waits for upstream response headers. False if it cannot."""
+    if flow.response is not None or flow.error is not None or not upstream_connected(flow):
+        return False
+    proxyserver = _proxyserver()
+    body = response.raw_content or b""
+    response.headers["content-length"] = str(len(body))
+    headers_only = http.Response(
+        response.http_version.encode(),
+        response.status_code,
+        response.reason.encode(),
+        response.headers.copy(),
+        None,
+        None,
+        response.timestamp_start,
+        response.timestamp_end,
+    )
+    for event in (
+        _InjectedResponseHeaders(flow, headers_only),
+        _InjectedResponseData(flow, body),
+        _InjectedResponseEnd(flow),
+    ):
+        proxyserver.inject_event(event)
+    return True
+
+
+def close_server_connection(flow: http.HTTPFlow) -> bool:
+    """Close the flow's upstream connection. False if there is none open."""
+    handler = _connection_handler(flow)
+    if handler is None or flow.server_conn not in handler.transports:
+        return False
+    handler.close_connection(flow.server_conn)
+    return True
+
+
+async def close_server_connection_when_done(flow: http.HTTPFlow, wait_seconds: float = 5.0) -> None:
+    """Close the upstream connection once the flow's own response has reached the client.
+
+    Closing earlier would make the stream report the upstream's disappearance to the client too.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    while flow.live and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    if close_server_connection(flow):
+        logger.debug("closed the upstream connection of %s", flow.request.path)
+
+
+_MITMPROXY_MAKE_ERROR_RESPONSE = _http1.make_error_response
+_MITMPROXY_HTTP_STATUS_CODE = ErrorCode.http_status_code
+
+
+def install_error_envelopes(render: Callable[[int, str], http.Response]) -> None:
+    """Have mitmproxy's own HTTP/1 error answers rendered by ``render(status, message)``."""
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        response = render(status_code, message)
+        response.headers["connection"] = "close"  # mitmproxy closes the connection after these
+        return bytes(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+
+    def http_status_code(code: ErrorCode) -> int | None:
+        if code is ErrorCode.CONNECT_FAILED:
+            return 503
+        return _MITMPROXY_HTTP_STATUS_CODE(code)
+
+    _http1.make_error_response = make_error_response
+    ErrorCode.http_status_code = http_status_code  # type: ignore[method-assign,assignment]
+
+
+def uninstall_error_envelopes() -> None:
+    _http1.make_error_response = _MITMPROXY_MAKE_ERROR_RESPONSE
+    ErrorCode.http_status_code = _MITMPROXY_HTTP_STATUS_CODE  # type: ignore[method-assign]
+
+
+def remove_contentview(view: contentviews.Contentview) -> None:
+    """Take a view out of mitmproxy's registry (``contentviews.add(view)`` put it in).
+
+    mitmproxy 12.3 has no public call for this (``contentviews.remove`` is a no-op kept for
+    old-style views), so the registry's own dict is used, and only if it holds this instance.
+    """
+    views = contentviews.registry._by_name
+    if views.get(view.name.lower()) is view:
+        del views[view.name.lower()]

@@ -1,0 +1,60 @@
+"""What the addons share: one object, created once per addon list, passed to each addon.
+
+Per-flow chat records live here, keyed by flow id, not in ``flow.metadata``: mitmproxy deep-copies
+metadata on every save and backup, and a record holds the snapshot it was sent with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..chat.errors import ApiError
+from ..chat.usage import StreamUsageTap
+from ..context.provider import ContextProvider
+from ..context.snapshot import Snapshot
+from ..observe.metrics import ProxyMetrics
+from ..observe.tokencount import TokenCounter
+from ..observe.verdict import CacheTracker, SendHistory
+from ..settings import Settings
+from ..view.snapshot import SnapshotIndex
+
+# flow.metadata[METADATA_KEY]: commit, sizes, the context messages' byte spans in the body, the verdict.
+METADATA_KEY = "scout_diff_cache"
+
+
+@dataclass
+class ChatRecord:
+    """A rewritten chat request on its way: what was sent, for the verdict on its answer."""
+
+    snapshot: Snapshot
+    diff_bytes: int
+    history: SendHistory
+    base_url: str
+    model: str | None
+    usage_added: bool
+    messages_bytes: int
+    started: float
+    authorization: str | None = None
+    tap: StreamUsageTap | None = None
+    proxy_error: ApiError | None = None  # the proxy answered it itself, after the rewrite
+
+
+@dataclass
+class ScoutState:
+    settings: Settings | None = None
+    provider: ContextProvider | None = None
+    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    tracker: CacheTracker = field(default_factory=CacheTracker)
+    token_counter: TokenCounter = field(default_factory=TokenCounter)
+    snapshot_index: SnapshotIndex = field(default_factory=SnapshotIndex)
+    chats: dict[str, ChatRecord] = field(default_factory=dict)
+    last_model: str | None = None  # the model clients last asked for, for prewarm requests
+    spliced_bytes: int = 0  # request bytes built since the last full garbage collection
+
+    def configured(self) -> tuple[Settings, ContextProvider]:
+        """Settings and provider; a 503 until configure succeeded (only between a bad setting and exit)."""
+        if self.settings is None or self.provider is None:
+            raise ApiError(
+                503, "scout-diff-cache is not configured (see the proxy's log)", "server_error", "not_configured"
+            )
+        return self.settings, self.provider

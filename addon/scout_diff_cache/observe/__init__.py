@@ -1,0 +1,1 @@
+"""What the proxy learns about the cache: verdicts and their causes, token counts, metrics, prewarm."""

@@ -1,0 +1,98 @@
+"""Prometheus metrics for GET /metrics, in a registry of their own (no process-wide state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..chat.usage import UpstreamUsage
+from ..context.provider import SnapshotLookup
+from ..context.snapshot import Snapshot
+from .verdict import VERDICTS
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Chat requests end as one of these: a cache verdict, or no verdict because of what happened.
+OUTCOMES = (*VERDICTS, "upstream_error", "proxy_error", "client_gone", "passthrough")
+BUILD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+DIFF_BYTES_BUCKETS = (0, 1e3, 1e4, 1e5, 1e6, 1e7)
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.chat_requests = Counter(
+            "scout_chat_requests",
+            "Chat requests by outcome: the cache verdict, or why there is none.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.chat_requests.labels(outcome)
+        self.errors = Counter(
+            "scout_errors",
+            "Error responses sent to clients, by status and by who answered.",
+            ["status", "source"],
+            registry=r,
+        )
+        self.snapshot_builds = Counter("scout_snapshot_builds", "Snapshots built.", registry=r)
+        self.snapshot_build_seconds = Histogram(
+            "scout_snapshot_build_seconds", "Time to build a snapshot.", buckets=BUILD_SECONDS_BUCKETS, registry=r
+        )
+        self.snapshot_bytes = Gauge(
+            "scout_snapshot_bytes", "Size of the snapshot built last (its JSON message).", registry=r
+        )
+        self.snapshot_files = Gauge("scout_snapshot_files", "Files in the snapshot built last.", registry=r)
+        self.snapshot_lookups = Counter(
+            "scout_snapshot_cache_lookups",
+            "Snapshot lookups in the proxy: hit (built before), wait (joined a build under way), miss (built).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "wait", "miss"):
+            self.snapshot_lookups.labels(result)
+        self.prompt_tokens = Counter("scout_upstream_prompt_tokens", "Prompt tokens the upstream reported.", registry=r)
+        self.cached_tokens = Counter(
+            "scout_upstream_cached_tokens", "Prompt tokens the upstream reported as served from its cache.", registry=r
+        )
+        self.diff_bytes = Histogram(
+            "scout_diff_bytes", "Working diff size per chat request.", buckets=DIFF_BYTES_BUCKETS, registry=r
+        )
+        self.injected_bytes = Counter("scout_injected_bytes", "Bytes of chat request bodies sent upstream.", registry=r)
+        self.prewarms = Counter(
+            "scout_prewarm_requests", "Prewarm requests sent for a new base, by result.", ["result"], registry=r
+        )
+        for result in ("ok", "failed"):
+            self.prewarms.labels(result)
+        self.prewarm_seconds = Histogram(
+            "scout_prewarm_seconds",
+            "Time the upstream took to prefill a new base.",
+            buckets=BUILD_SECONDS_BUCKETS,
+            registry=r,
+        )
+
+    def snapshot_built(self, snapshot: Snapshot, seconds: float) -> None:
+        self.snapshot_builds.inc()
+        self.snapshot_build_seconds.observe(seconds)
+        self.snapshot_bytes.set(snapshot.size)
+        self.snapshot_files.set(snapshot.file_count)
+
+    def snapshot_lookup(self, result: SnapshotLookup) -> None:
+        self.snapshot_lookups.labels(result).inc()
+
+    def injected(self, body_bytes: int, diff_bytes: int) -> None:
+        self.injected_bytes.inc(body_bytes)
+        self.diff_bytes.observe(diff_bytes)
+
+    def answered(self, outcome: str, usage: UpstreamUsage | None) -> None:
+        self.chat_requests.labels(outcome).inc()
+        if usage is not None and usage.prompt_tokens is not None:
+            self.prompt_tokens.inc(usage.prompt_tokens)
+        if usage is not None and usage.cached_tokens is not None:
+            self.cached_tokens.inc(usage.cached_tokens)
+
+    def error(self, status: int, source: str) -> None:
+        self.errors.labels(str(status), source).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,288 @@
+"""Settings: one pydantic model, merged from config.yaml, the environment and mitmproxy options.
+
+Precedence, highest first: ``--set scout_<name>=...`` (mitmproxy option), the environment
+variable ``<NAME>``, the key ``<name>`` in the config file, the built-in default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+OPTION_PREFIX = "scout_"
+CONFIG_ENV_VAR = "SCOUT_CONFIG"
+CONFIG_OPTION = "scout_config"
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent.parent / "config.yaml"
+
+SettingSource = Literal["option", "environment", "config file", "default"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the setting, where it came from and why."""
+
+
+class Settings(BaseModel):
+    """Every setting of the addon. Field descriptions are the one-line help used everywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    git_repo_path: str = Field(".", description="Git work tree to snapshot (default: the current directory).")
+    target_api_key: str | None = Field(
+        None,
+        description="Sent upstream as 'Authorization: Bearer ...' in place of the client's header.",
+    )
+    max_file_bytes: int = Field(524288, ge=1, description="Files larger than this are skipped and listed.")
+    max_snapshot_bytes: int = Field(
+        67108864,
+        ge=1,
+        description="Total size of the snapshot's file blocks; later files are omitted and listed.",
+    )
+    max_diff_bytes: int = Field(
+        1048576,
+        ge=1,
+        description="Size of the working diff; past it, files are left out with a note naming them.",
+    )
+    inject_context: bool = Field(
+        True,
+        description="Inject snapshot and diff; false makes the proxy a pass-through.",
+    )
+    exclude_path_patterns: tuple[str, ...] = Field(
+        (),
+        description="Extra exclusions, gitignore syntax, comma-separated in the environment; '!pat' re-includes.",
+    )
+    use_default_excludes: bool = Field(
+        True,
+        description="Apply the built-in exclusions (lock files, node_modules/, bundles, .env, keys).",
+    )
+    upstream_timeout_ms: int = Field(
+        900000,
+        ge=0,
+        description="No response headers from upstream within this many ms: 504 (0 disables).",
+    )
+    upstream_connect_timeout_ms: int = Field(
+        3000, ge=0, description="Upstream refuses or does not accept a connection in this many ms: 503 (0: no check)."
+    )
+    proxy_api_key: str | None = Field(
+        None, description="If set, clients must send 'Authorization: Bearer <key>' (401 otherwise)."
+    )
+    allow_remote_without_key: bool = Field(
+        False, description="Allow listening on a non-loopback address without PROXY_API_KEY (not recommended)."
+    )
+    model_id: str = Field(
+        "llama-4-scout",
+        min_length=1,
+        description="Model id answered by GET /v1/models.",
+    )
+    upstream_model: str | None = Field(
+        None,
+        description="If set, replaces the 'model' of every chat request sent upstream.",
+    )
+    stream_usage: bool = Field(
+        True,
+        description="Ask for usage in streamed answers (stream_options.include_usage) to read cache hits; "
+        "the extra usage chunk is removed when the client did not ask for it.",
+    )
+    count_snapshot_tokens: bool = Field(
+        True,
+        description="Ask the upstream's /tokenize once per snapshot for its exact token count "
+        "(else it is estimated from each answer's prompt_tokens).",
+    )
+    layout: Literal["append", "per-commit"] = Field(
+        "append",
+        description="append: a base snapshot plus one block per commit since it (a commit only appends); "
+        "per-commit: a fresh snapshot of every commit.",
+    )
+    base_every_commits: int = Field(
+        128, ge=1, description="append layout: the base moves to HEAD's first-parent ancestor at every E-th commit."
+    )
+    max_tail_percent: int = Field(
+        10,
+        ge=0,
+        description="append layout: a history tail larger than this share of the base's files moves the base "
+        "closer (E halved until it fits).",
+    )
+    history_full_files: bool = Field(
+        False, description="append layout: commit blocks carry the full new text of changed files, not patches."
+    )
+    prewarm: bool = Field(
+        False,
+        description="When HEAD gets a new base (per-commit: every commit), send one max_tokens=1 request "
+        "so the upstream caches it before the next question.",
+    )
+    keep_full_bodies: int = Field(
+        10,
+        ge=0,
+        description="Flows that keep their full request body in mitmweb; older ones get the snapshot "
+        "replaced by a short placeholder so memory stays flat.",
+    )
+
+    @field_validator(
+        "inject_context",
+        "use_default_excludes",
+        "allow_remote_without_key",
+        "stream_usage",
+        "count_snapshot_tokens",
+        "history_full_files",
+        "prewarm",
+        mode="before",
+    )
+    @classmethod
+    def _parse_bool(cls, value: object) -> object:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
+        return value
+
+    @field_validator("exclude_path_patterns", mode="before")
+    @classmethod
+    def _split_patterns(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            return tuple(str(p).strip() for p in value if str(p).strip())
+        return value
+
+    @field_validator("target_api_key", "proxy_api_key", "upstream_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("target_api_key", "proxy_api_key")
+    @classmethod
+    def _header_safe_key(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_SAFE.fullmatch(value):
+            raise ValueError("must be printable ASCII without spaces (it becomes an HTTP header)")
+        return value
+
+    @field_validator("model_id")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        if not _HEADER_SAFE.fullmatch(value):
+            raise ValueError("must be printable ASCII without spaces (it is sent in a response header)")
+        return value
+
+    @field_validator("git_repo_path")
+    @classmethod
+    def _repo_dir_exists(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{value!r} is not an existing directory")
+        return str(path.resolve())
+
+
+SETTING_NAMES: tuple[str, ...] = tuple(Settings.model_fields)
+# Never shown as an option's default (mitmweb's Options page, ``mitmdump --options``) or logged.
+SECRET_SETTINGS = frozenset({"target_api_key", "proxy_api_key"})
+
+
+def env_name(setting: str) -> str:
+    return setting.upper()
+
+
+def option_name(setting: str) -> str:
+    return OPTION_PREFIX + setting
+
+
+def setting_help(setting: str) -> str:
+    return Settings.model_fields[setting].description or ""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a config.yaml; unknown keys are rejected later by the model."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of setting names to values")
+    return {str(k): v for k, v in data.items()}
+
+
+def resolve_config_path(option_value: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: the option, else $SCOUT_CONFIG, else the project's config.yaml if present."""
+    if option_value:
+        return Path(option_value).expanduser()
+    if environ.get(CONFIG_ENV_VAR):
+        return Path(environ[CONFIG_ENV_VAR]).expanduser()
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _option_is_set(value: object) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return len(value) > 0
+    return True
+
+
+def load_settings(
+    options: Mapping[str, object],
+    environ: Mapping[str, str],
+    config_path: Path | None,
+) -> tuple[Settings, dict[str, SettingSource]]:
+    """Merge the sources by precedence and validate. Returns the settings and where each came from.
+
+    ``options`` maps setting names (without prefix) to mitmproxy option values; None or an empty
+    sequence means "not given".
+    """
+    merged: dict[str, object] = {}
+    sources: dict[str, SettingSource] = {name: "default" for name in SETTING_NAMES}
+    if config_path is not None:
+        file_values = read_config_file(config_path)
+        unknown = sorted(set(file_values) - set(SETTING_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"config file {config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}"
+            )
+        for name, value in file_values.items():
+            if value is not None:
+                merged[name] = value
+                sources[name] = "config file"
+    for name in SETTING_NAMES:
+        if env_name(name) in environ:
+            merged[name] = environ[env_name(name)]
+            sources[name] = "environment"
+        if _option_is_set(options.get(name)):
+            merged[name] = options[name]
+            sources[name] = "option"
+    try:
+        return Settings.model_validate(merged), sources
+    except ValidationError as e:
+        raise ConfigError(_describe_validation_error(e, sources, config_path)) from None
+
+
+def _describe_validation_error(
+    error: ValidationError,
+    sources: Mapping[str, SettingSource],
+    config_path: Path | None,
+) -> str:
+    problems = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        source = sources.get(name, "default")
+        where = {
+            "option": f"option {option_name(name)}",
+            "environment": f"environment variable {env_name(name)}",
+            "config file": f"key {name!r} in {config_path}",
+            "default": f"default of {name}",
+        }[source]
+        message = str(item["msg"]).removeprefix("Value error, ")
+        problems.append(f"invalid setting {name} ({where}): {message}")
+    return "; ".join(problems)

@@ -1,0 +1,40 @@
+"""From settings to the objects they configure: shared by the proxy's addons and the preview command."""
+
+from __future__ import annotations
+
+from .context.history import HistoryLimits
+from .context.provider import BuildObserver, ContextProvider
+from .context.snapshot import SnapshotLimits
+from .context.workdiff import DiffLimits
+from .git.exclusions import PathFilter
+from .git.repo import GitRepo
+from .git.watcher import ChangeMonitor
+from .settings import Settings
+
+
+def history_limits(settings: Settings) -> HistoryLimits | None:
+    """The append layout's settings; None for the per-commit layout."""
+    if settings.layout != "append":
+        return None
+    return HistoryLimits(settings.base_every_commits, settings.max_tail_percent, settings.history_full_files)
+
+
+def context_provider(settings: Settings, observer: BuildObserver | None = None, watch: bool = True) -> ContextProvider:
+    """The repository context for these settings, its change monitor started when ``watch``.
+
+    Raises GitError (not a repository) or ValueError (an exclusion pattern that does not compile).
+    """
+    path_filter = PathFilter.build(settings.exclude_path_patterns, settings.use_default_excludes)
+    repo = GitRepo(settings.git_repo_path)
+    monitor = ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir])
+    provider = ContextProvider(
+        repo,
+        monitor,
+        SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
+        DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
+        observer=observer,
+        history_limits=history_limits(settings),
+    )
+    if watch:
+        monitor.start()
+    return provider
