@@ -622,6 +622,41 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+# --- mitmweb's own API ------------------------------------------------------------------------------
+
+
+class MitmwebApi:
+    """mitmweb's HTTP API, authenticated with the web_password given at start (a Bearer token)."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.headers = {"authorization": f"Bearer {token}"}
+
+    def get(self, path: str) -> bytes:
+        result = http_request("GET", self.base_url + path, headers=self.headers)
+        assert result.status == 200, (path, result.status, result.body[:300])
+        return result.body
+
+    def put_json(self, path: str, payload: object) -> HttpResult:
+        """A change, as the web UI sends it: with the XSRF token in a cookie and a header (tornado's check)."""
+        xsrf = "ab" * 16
+        headers = {
+            **self.headers,
+            "content-type": "application/json",
+            "cookie": f"_mitmproxy_xsrf={xsrf}",
+            "x-xsrftoken": xsrf,
+        }
+        return http_request("PUT", self.base_url + path, json.dumps(payload).encode(), headers)
+
+    def chat_flows(self) -> list[dict[str, Any]]:
+        flows = [f for f in json.loads(self.get("/flows.json")) if f["request"]["path"] == "/v1/chat/completions"]
+        return sorted(flows, key=lambda f: f["request"]["timestamp_start"])
+
+
+def mitmweb_args(port: int, token: str) -> tuple[str, ...]:
+    return ("--set", "web_host=127.0.0.1", "--set", f"web_port={port}", "--set", f"web_password={token}")
+
+
 # --- load and soak helpers ------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import secrets
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,19 @@ from scout_diff_cache.mitm.state import METADATA_KEY
 from scout_diff_cache.mitm.verdicts import CacheVerdicts
 from scout_diff_cache.observe.metrics import ProxyMetrics
 from scout_diff_cache.settings import SETTING_NAMES, option_name
-from support import SCRIPT, Proxy, Repo, Upstream, mitmdump_executable, proxy_env, run_upstream
+from support import (
+    SCRIPT,
+    MitmwebApi,
+    Proxy,
+    Repo,
+    Upstream,
+    free_port,
+    mitmdump_executable,
+    mitmweb_args,
+    proxy_env,
+    run_proxy,
+    run_upstream,
+)
 
 CHAT = b"/v1/chat/completions"
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -410,3 +423,29 @@ def test_mitmdump_options_lists_every_setting_with_its_effective_default(
     assert options["scout_proxy_api_key"] is None
     assert "sk-never-shown" not in out
     assert "Files larger than this are skipped and listed" in out  # the help text
+
+
+def test_mitmwebs_options_page_shows_and_edits_the_settings(
+    make_repo: Callable[..., Repo], upstream: Upstream, tmp_path: Path
+) -> None:
+    """What mitmweb's Options page renders and sends: its /options API."""
+    repo = make_repo({"a.py": "x = 1\n"})
+    env = {"GIT_REPO_PATH": str(repo.path), "MAX_FILE_BYTES": "4096", "TARGET_API_KEY": "sk-target-never-shown"}
+    web_port, token = free_port(), secrets.token_hex(16)
+    with run_proxy(upstream.url, tmp_path / "web", env, mitmweb_args(web_port, token), program="mitmweb"):
+        api = MitmwebApi(web_port, token)
+        page = api.get("/options.json")
+        options = json.loads(page)
+        assert options["scout_max_file_bytes"]["default"] == "4096"
+        assert options["scout_max_file_bytes"]["value"] == "4096"
+        assert "Files larger than this are skipped" in options["scout_max_file_bytes"]["help"]
+        assert options["scout_layout"]["choices"] == ["append", "per-commit"]
+        assert options["scout_target_api_key"]["value"] is None
+        assert b"sk-target-never-shown" not in page
+
+        assert api.put_json("/options", {"scout_max_file_bytes": "100"}).status == 200
+        assert json.loads(api.get("/options.json"))["scout_max_file_bytes"]["value"] == "100"
+        refused = api.put_json("/options", {"scout_max_file_bytes": "lots"})
+        assert refused.status == 400
+        assert b"invalid setting max_file_bytes (option scout_max_file_bytes)" in refused.body
+        assert json.loads(api.get("/options.json"))["scout_max_file_bytes"]["value"] == "100"

@@ -24,7 +24,7 @@ from scout_diff_cache.chat.request import assemble_body, parse_chat_request
 from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX, strip_context, system_message_json
 from scout_diff_cache.mitm.retention import BodyRetention, placeholder_text
 from scout_diff_cache.mitm.state import METADATA_KEY, ScoutState
-from support import Repo, Upstream, free_port, http_request, run_proxy
+from support import MitmwebApi, Repo, Upstream, free_port, mitmweb_args, run_proxy
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SNAPSHOT = system_message_json('<file path="a.py">\nprint("é")\n</file>\n' * 200)
@@ -363,27 +363,6 @@ def test_strip_context_refuses_spans_that_hold_no_context_message(spans: Any) ->
 
 
 # --- a real mitmweb ---------------------------------------------------------------------------------
-
-
-class MitmwebApi:
-    """mitmweb's HTTP API, authenticated with the web_password given at start (a Bearer token)."""
-
-    def __init__(self, port: int, token: str) -> None:
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.headers = {"authorization": f"Bearer {token}"}
-
-    def get(self, path: str) -> bytes:
-        result = http_request("GET", self.base_url + path, headers=self.headers)
-        assert result.status == 200, (path, result.status, result.body[:300])
-        return result.body
-
-    def chat_flows(self) -> list[dict[str, Any]]:
-        flows = [f for f in json.loads(self.get("/flows.json")) if f["request"]["path"] == "/v1/chat/completions"]
-        return sorted(flows, key=lambda f: f["request"]["timestamp_start"])
-
-
-def mitmweb_args(port: int, token: str) -> tuple[str, ...]:
-    return ("--set", "web_host=127.0.0.1", "--set", f"web_port={port}", "--set", f"web_password={token}")
 
 
 @contextlib.asynccontextmanager
