@@ -1,4 +1,4 @@
-"""The addon list in-process (taddons): typed options, configure errors, the catch-all 500, chat route variants."""
+"""The addon list in-process (taddons): its options, configure errors, the catch-all 500, chat route variants."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ async def test_unconfigured_addon_answers_503_instead_of_forwarding(addon: Scout
     assert json.loads(flow.response.content or b"")["error"]["code"] == "not_configured"
 
 
-def test_every_setting_is_a_typed_option(addon: ScoutAddons, make_repo: Callable[..., Repo]) -> None:
+def test_every_setting_is_an_option_validated_in_configure(addon: ScoutAddons, make_repo: Callable[..., Repo]) -> None:
     repo = make_repo({"a": "a\n"})
     with taddons.context(addon) as tctx:
         tctx.configure(

@@ -1,6 +1,6 @@
 """Upstream faults end to end: a real mitmdump in front of a deliberately faulty upstream.
 
-These tests also guard mitm_internals.py, the one module that uses mitmproxy's private API: an
+These tests also guard mitm/internals.py, the one module that uses mitmproxy's private API: an
 upgrade that breaks it makes them fail.
 """
 

@@ -69,8 +69,7 @@ class ListenGuard:
         if "connection_strategy" in ctx.options:  # an option of mitmproxy's proxy server addon
             changes["connection_strategy"] = "lazy"
         listen_host = ctx.options.listen_host or LOOPBACK  # mitmproxy's default "" is every interface
-        if listen_host != ctx.options.listen_host:
-            changes["listen_host"] = listen_host
+        changes["listen_host"] = listen_host
         exposed = open_listen_hosts(ProxyMode.parse(spec).listen_host(listen_host) for spec in ctx.options.mode)
         if exposed and not remote_allowed(settings):
             # mitmdump may still bind after this error, before it exits: make that a loopback bind.
