@@ -49,6 +49,10 @@ _PINNED_CONFIG = (
     "diff.indentHeuristic=true",
     "-c",
     "core.attributesFile=/dev/null",
+    # A repository's own config must not run commands through us: an fsmonitor hook would run on
+    # every diff-index and ls-files (a repository's clean filters still run, as git runs them).
+    "-c",
+    "core.fsmonitor=false",
 )
 
 _SCRUBBED_ENV = (
@@ -222,7 +226,7 @@ class GitRepo:
             return
         try:
             proc = subprocess.Popen(
-                ["git", "cat-file", "--batch"],
+                ["git", *_PINNED_CONFIG, "cat-file", "--batch"],
                 cwd=self.toplevel,
                 env=_git_env(self.toplevel),
                 stdin=subprocess.PIPE,
