@@ -13,7 +13,14 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
 from inprocess import ScoutAddons
-from scout_diff_cache.chat.access import bearer_token, is_authorized, is_loopback, open_listen_hosts
+from scout_diff_cache.chat.access import (
+    bearer_token,
+    host_allowed,
+    host_name,
+    is_authorized,
+    is_loopback,
+    open_listen_hosts,
+)
 from support import Proxy, Repo, Upstream
 
 PROXY_KEY = "sk-proxy-0123456789abcdef"
@@ -61,6 +68,38 @@ def test_is_authorized() -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("localhost:8787", "localhost"),
+        ("[::1]:8787", "::1"),
+        ("::1", "::1"),
+        ("Example.COM.", "example.com"),
+        ("a", "a"),
+    ],
+)
+def test_host_name(header: str, name: str) -> None:
+    assert host_name(header) == name
+
+
+@pytest.mark.parametrize(
+    ("header", "allowed"),
+    [
+        ("127.0.0.1:8787", True),
+        ("[::1]:8787", True),
+        ("localhost:8787", True),
+        ("app.localhost", True),
+        ("10.1.2.3:8787", True),
+        ("scout.internal:8787", True),
+        ("evil.example:8787", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example", False),
+    ],
+)
+def test_host_allowed(header: str, allowed: bool) -> None:
+    assert host_allowed(header, ["scout.internal"]) is allowed
 
 
 def test_open_listen_hosts() -> None:

@@ -18,6 +18,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from inprocess import ScoutAddons
 from scout_diff_cache.mitm.auth import ClientAuth
+from scout_diff_cache.mitm.browser import BrowserGuard
 from scout_diff_cache.mitm.endpoints import LocalEndpoints
 from scout_diff_cache.mitm.envelopes import ErrorEnvelopes
 from scout_diff_cache.mitm.forward import UpstreamForwarding
@@ -45,7 +46,7 @@ from support import (
 
 CHAT = b"/v1/chat/completions"
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-REQUEST_HOOK_ADDONS = [ClientAuth, LocalEndpoints, ContextInjection, UpstreamForwarding]
+REQUEST_HOOK_ADDONS = [BrowserGuard, ClientAuth, LocalEndpoints, ContextInjection, UpstreamForwarding]
 FAIL_SCRIPT = Path(__file__).resolve().parent / "data" / "scripts" / "fail_addon.py"
 
 
@@ -89,7 +90,7 @@ FailingState = load_fail_script().FailingState
 
 def expected_status(failing: type[Any], path: bytes) -> int:
     """A failure answers 500, unless an addon before the failing one answered the request already."""
-    answered_before = path == b"/health" and failing not in (ClientAuth, LocalEndpoints)
+    answered_before = path == b"/health" and failing not in (BrowserGuard, ClientAuth, LocalEndpoints)
     return 200 if answered_before else 500
 
 
@@ -449,3 +450,21 @@ def test_mitmwebs_options_page_shows_and_edits_the_settings(
         assert refused.status == 400
         assert b"invalid setting max_file_bytes (option scout_max_file_bytes)" in refused.body
         assert json.loads(api.get("/options.json"))["scout_max_file_bytes"]["value"] == "100"
+
+
+async def test_browser_guard_refuses_foreign_hosts_and_origins_and_drops_upstream_cors(
+    scout: tuple[ScoutAddons, taddons.context],
+) -> None:
+    addon, _ = scout
+    rebinding = flow_for(b"/health", b"GET", b"")
+    rebinding.request.host_header = "evil.example:8787"
+    page = flow_for(origin="http://evil.example")
+    for flow, code in ((rebinding, "host_not_allowed"), (page, "origin_not_allowed")):
+        await addon.send_request(flow)
+        assert flow.response is not None and flow.response.status_code == 403
+        assert json.loads(flow.response.content or b"")["error"]["code"] == code
+    passed = flow_for(b"/v1/other", b"GET", b"")
+    passed.response = http.Response.make(200, b"", {"access-control-allow-origin": "*", "x-other": "1"})
+    addon.get(BrowserGuard).responseheaders(passed)
+    assert "access-control-allow-origin" not in passed.response.headers
+    assert passed.response.headers["x-other"] == "1"

@@ -428,14 +428,15 @@ def test_other_methods_on_chat_completions_get_405(shared: Shared, method: str) 
     assert shared.upstream.recorded == []
 
 
-def test_cors_preflight_on_chat_completions_goes_to_the_upstream(shared: Shared) -> None:
+def test_a_cors_preflight_from_a_page_not_allowed_is_refused_not_forwarded(shared: Shared) -> None:
+    """It went to the upstream, whose 'access-control-allow-origin: *' let any page read the answers (issue 10)."""
     headers = {"origin": "http://localhost:3000", "access-control-request-method": "POST"}
     result = shared.proxy.request("OPTIONS", CHAT, headers=headers)
 
-    assert result.status == 204
-    assert result.headers["access-control-allow-origin"] == "*"
-    (preflight,) = shared.upstream.recorded
-    assert (preflight.method, preflight.path) == ("OPTIONS", CHAT)
+    assert result.status == 403
+    assert result.json()["error"]["code"] == "origin_not_allowed"
+    assert "access-control-allow-origin" not in result.headers
+    assert shared.upstream.recorded == []
 
 
 # --- local endpoints ---------------------------------------------------------------------------------

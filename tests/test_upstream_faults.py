@@ -366,9 +366,9 @@ def test_a_stream_cut_short_ends_for_the_client(
 
 def stream_then_leave(port: int) -> float:
     """Ask for a stream, read its first event, close the connection; returns when it closed."""
-    client = socket.create_connection(("127.0.0.1", port))
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
     client.sendall(
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(STREAM_BODY)}\r\n\r\n".encode()
         + STREAM_BODY
     )

@@ -77,6 +77,16 @@ class Settings(BaseModel):
     allow_remote_without_key: bool = Field(
         False, description="Allow listening on a non-loopback address without PROXY_API_KEY (not recommended)."
     )
+    allowed_origins: tuple[str, ...] = Field(
+        (),
+        description="Web page origins (scheme://host[:port]) allowed to call the proxy from a browser; a request "
+        "with any other Origin is refused (403). Comma-separated in the environment.",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Host names clients may address the proxy by, besides localhost, IP addresses and the "
+        "listen host; any other Host is refused (403, against DNS rebinding). Comma-separated in the environment.",
+    )
     model_id: str = Field(
         "llama-4-scout",
         min_length=1,
@@ -146,7 +156,7 @@ class Settings(BaseModel):
             raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
         return value
 
-    @field_validator("exclude_path_patterns", mode="before")
+    @field_validator("exclude_path_patterns", "allowed_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_patterns(cls, value: object) -> object:
         if isinstance(value, str):

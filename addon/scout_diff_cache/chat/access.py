@@ -41,6 +41,37 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without port or brackets, lower case: "[::1]:8787" -> "::1"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:
+        host = name
+    return host.rstrip(".")
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host_header: str, allowed_names: Iterable[str]) -> bool:
+    """Whether a request's Host may reach the proxy: an IP address, localhost, or a name allowed by setting.
+
+    A web page that rebinds its own DNS name to 127.0.0.1 sends that name as its Host: refusing
+    names nobody configured stops it.
+    """
+    name = host_name(host_header)
+    if not name or is_ip_address(name) or name in LOCALHOST_NAMES or name.endswith(".localhost"):
+        return True
+    return name in {host_name(allowed) for allowed in allowed_names if allowed}
+
+
 def open_listen_hosts(hosts: Iterable[str]) -> list[str]:
     """The listen hosts that are reachable from other machines ("" means every interface)."""
     return sorted({host or "0.0.0.0 (all interfaces)" for host in hosts if not is_loopback(host)})

@@ -1,13 +1,15 @@
 """The proxy as a list of small mitmproxy addons sharing one state object; the list is the table of contents.
 
 Order matters where hooks of several addons meet: the settings first (every other addon reads
-them in its own ``configure``), the request hooks in the order a request needs them (auth, the
-proxy's own endpoints, the rewrite, then forwarding), the verdict before body retention.
+them in its own ``configure``), the request hooks in the order a request needs them (Host and
+Origin, auth, the proxy's own endpoints, the rewrite, then forwarding), the verdict before body
+retention.
 """
 
 from __future__ import annotations
 
 from .auth import ClientAuth
+from .browser import BrowserGuard
 from .contentview import ChatView
 from .endpoints import LocalEndpoints
 from .envelopes import ErrorEnvelopes
@@ -30,6 +32,7 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         ListenGuard(state),  # loopback by default, lazy connections, tcp_timeout
         ErrorEnvelopes(state),  # mitmproxy's own error answers as OpenAI envelopes
         ChatView(state),  # mitmweb's "Scout chat" content view
+        BrowserGuard(state),  # request: Host and Origin (DNS rebinding, web pages); CORS headers
         ClientAuth(state),  # request: PROXY_API_KEY
         LocalEndpoints(state),  # request: /health, /metrics, /v1/models
         ContextInjection(state),  # request: snapshot + working diff + the client's messages

@@ -9,6 +9,7 @@ context and does not: nothing upstream of it may forward a bare chat request by 
 from __future__ import annotations
 
 from mitmproxy import http
+from mitmproxy.net.http.url import hostport
 
 from ..chat.errors import ApiError
 from ..chat.routes import CHAT_PATH, route_path
@@ -30,6 +31,8 @@ class UpstreamForwarding:
         settings, _ = self.state.configured()
         if settings.inject_context and self._bare_chat(flow):
             raise ApiError(500, "internal proxy error: a chat request has no context", "server_error", "internal_error")
+        # The upstream's own Host (mitmproxy's reverse-mode rewrite, made here: BrowserGuard keeps the client's).
+        flow.request.host_header = hostport(flow.request.scheme, flow.request.host, flow.request.port)
         if settings.target_api_key is not None:
             flow.request.headers["authorization"] = f"Bearer {settings.target_api_key}"
         elif settings.proxy_api_key is not None:
