@@ -275,6 +275,9 @@ class UpstreamBehaviour:
     stream_chunks: int = 3
     # When set, the server sends the first SSE chunk, then waits for this before sending the rest.
     stream_gate: threading.Event | None = None
+    # When set, the first content event carries this many characters, sent in 64 KiB pieces.
+    long_event_chars: int = 0
+    piece_delay: float = 0.0  # seconds between those pieces
     reply_text: str = "ok"
     status: int = 200
     error_body: bytes | None = None
@@ -403,10 +406,16 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             )
         if "timings" in extra:  # llama.cpp puts them on the last chunk, the usage chunk when there is one
             events[-1]["timings"] = extra["timings"]
+        if behaviour.long_event_chars:
+            events[0]["choices"][0]["delta"]["content"] = "x" * behaviour.long_event_chars
         for index, event in enumerate(events):
             if index == 1 and behaviour.stream_gate is not None:
                 behaviour.stream_gate.wait(timeout=20)
-            self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+            encoded = f"data: {json.dumps(event)}\n\n".encode()
+            piece = 65536 if behaviour.long_event_chars else len(encoded)
+            for start in range(0, len(encoded), piece):
+                self._chunk(encoded[start : start + piece])
+                time.sleep(behaviour.piece_delay)
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
 

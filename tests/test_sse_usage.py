@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from scout_diff_cache.chat import usage as usage_module
 from scout_diff_cache.chat.sse import SseSplitter, event_data, iter_event_data
 from scout_diff_cache.chat.usage import (
+    HELD_EVENT_LIMIT,
     RECORDED_STREAM_LIMIT,
     StreamUsageTap,
     UpstreamUsage,
@@ -723,3 +725,46 @@ def test_a_recorded_llama_server_stream_without_usage_still_reports_its_cache_in
 
 def _flatten(out: bytes | list[bytes]) -> bytes:
     return out if isinstance(out, bytes) else b"".join(out)
+
+
+# --- long events: linear work, bounded holding ----------------------------------------------------------
+
+
+def long_event(size: int) -> bytes:
+    return sse(content_chunk("x" * size))
+
+
+def feed_seconds(splitter: SseSplitter, stream: bytes, piece: int) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(stream), piece):
+        splitter.feed(stream[start : start + piece])
+    return time.perf_counter() - started
+
+
+def test_splitting_one_long_event_costs_what_many_short_ones_do() -> None:
+    """Each chunk used to re-copy and re-scan every pending byte: one 8 MiB event took seconds."""
+    size, piece = 8 * 1024 * 1024, 16 * 1024
+    one_event = long_event(size)
+    short = sse(content_chunk("x" * 200))
+    many_events = short * (len(one_event) // len(short))
+    long_seconds = min(feed_seconds(SseSplitter(), one_event, piece) for _ in range(3))
+    short_seconds = min(feed_seconds(SseSplitter(), many_events, piece) for _ in range(3))
+    assert long_seconds < 3 * short_seconds + 0.05, (long_seconds, short_seconds)
+
+
+@pytest.mark.parametrize("remove_usage", [True, False])
+def test_a_long_event_goes_out_as_it_arrives_and_is_not_held(remove_usage: bool) -> None:
+    big = long_event(2 * 1024 * 1024)
+    stream = sse(content_chunk("a")) + big + VLLM_USAGE_EVENT + DONE
+    tap = StreamUsageTap(remove_usage=remove_usage)
+    sent = 0
+    out = bytearray()
+    for start in range(0, len(stream), 8192):
+        piece = stream[start : start + 8192]
+        sent += len(piece)
+        out += _flatten(tap(piece))
+        assert sent - len(out) <= HELD_EVENT_LIMIT + 8192 + len(VLLM_USAGE_EVENT)
+    out += _flatten(tap(b""))
+    expected = stream.replace(VLLM_USAGE_EVENT, b"") if remove_usage else stream
+    assert bytes(out) == expected
+    assert tap.usage is not None and tap.usage.prompt_tokens == VLLM_USAGE["prompt_tokens"]  # read after it

@@ -15,26 +15,47 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class SseSplitter:
-    """Feed chunks as they arrive; get back each complete event's raw bytes in order."""
+    """Feed chunks as they arrive; get back each complete event's raw bytes in order.
+
+    Linear in the bytes fed: each search resumes where the last one stopped (less the three bytes
+    a line end can span), and the pending bytes are appended to, never copied whole per chunk.
+    """
+
+    # The longest event end, "\r\n\r\n", can start this many bytes before new data.
+    _OVERLAP = 3
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = bytearray()
+        self._searched = 0  # no event end starts before this offset in _pending
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        data = self._pending + chunk
+        self._pending += chunk
         events = []
         start = 0
-        while match := _EVENT_END.search(data, start):
-            if match.end() == len(data) and data.endswith(b"\r"):
+        position = max(self._searched - self._OVERLAP, 0)
+        while match := _EVENT_END.search(self._pending, position):
+            if match.end() == len(self._pending) and self._pending.endswith(b"\r"):
                 break  # a CR at the very end may be the first half of a CRLF still on its way
-            events.append(data[start : match.end()])
-            start = match.end()
-        self._pending = data[start:]
+            events.append(bytes(self._pending[start : match.end()]))
+            start = position = match.end()
+        if start:
+            del self._pending[:start]
+        self._searched = len(self._pending)
         return events
+
+    def release(self, keep: int = _OVERLAP) -> bytes:
+        """Hand over the pending bytes of the unfinished event but the last ``keep`` (which an event end may need)."""
+        cut = max(len(self._pending) - keep, 0)
+        released = bytes(self._pending[:cut])
+        del self._pending[:cut]
+        self._searched = len(self._pending)
+        return released
 
     def flush(self) -> bytes:
         """What is left when the stream ends: an unterminated last event, or nothing."""
-        rest, self._pending = self._pending, b""
+        rest = bytes(self._pending)
+        self._pending.clear()
+        self._searched = 0
         return rest
 
     @property

@@ -21,6 +21,9 @@ from .sse import SseSplitter, event_data
 
 # The stream body kept for mitmweb (answers are small; a runaway stream is cut off in the copy only).
 RECORDED_STREAM_LIMIT = 4 * 1024 * 1024
+# An event larger than this is content, never the small usage chunk: it is passed on as it arrives
+# instead of being held back until it ends, and it is not parsed.
+HELD_EVENT_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class StreamUsageTap:
     carries usage (``"choices": []``) is dropped, and a non-null ``usage`` on any other chunk is
     removed (that one chunk is re-encoded as a single ``data:`` line). Everything else goes out
     byte for byte. Without it, chunks are passed on exactly as they arrive.
+
+    At most HELD_EVENT_LIMIT bytes of an unfinished event are held (to filter or to read it): a
+    longer event goes out as it arrives and is neither filtered nor read.
     """
 
     def __init__(self, remove_usage: bool) -> None:
@@ -120,6 +126,7 @@ class StreamUsageTap:
         self.recorded = bytearray()
         self.recording_truncated = False  # the copy for mitmweb stopped at RECORDED_STREAM_LIMIT
         self._splitter = SseSplitter()
+        self._passing_event = False  # the event under way is over HELD_EVENT_LIMIT: passed on as it comes
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         """Bytes to send on for ``chunk``; ``b""`` from mitmproxy means the stream has ended.
@@ -129,19 +136,30 @@ class StreamUsageTap:
         """
         if not chunk:
             rest = self._splitter.flush()
+            if self._passing_event or not rest.strip():
+                out = rest
+            elif self.remove_usage:
+                out = self._filter(rest)
+            else:
+                self._read(rest)
+                out = rest
             if not self.remove_usage:
-                self._read(rest)  # its bytes went out with their chunk already
-                return b""
-            out = self._filter(rest) if rest.strip() else rest
+                return b""  # its bytes went out with their chunk already
             self._record(out)
             return out
-        events = self._splitter.feed(chunk)
-        if self.remove_usage:
-            out = b"".join(self._filter(event) for event in events)
-        else:
-            for event in events:
+        parts = []
+        for event in self._splitter.feed(chunk):
+            if self._passing_event:  # the end of an event already passed on
+                self._passing_event = False
+                parts.append(event)
+            elif self.remove_usage:
+                parts.append(self._filter(event))
+            else:
                 self._read(event)
-            out = chunk
+        if self._splitter.pending_bytes > HELD_EVENT_LIMIT:
+            parts.append(self._splitter.release())
+            self._passing_event = True
+        out = b"".join(parts) if self.remove_usage else chunk
         self._record(out)
         return [out] if out else []
 
