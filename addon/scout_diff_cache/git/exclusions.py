@@ -9,9 +9,9 @@ import pathspec
 
 from ..text import path_key
 
-# Small on purpose: noise that costs tokens (lock files, vendored dependencies, minified bundles)
-# and files that usually hold secrets. Users re-include with "!pattern" in EXCLUDE_PATH_PATTERNS
-# or drop the whole list with USE_DEFAULT_EXCLUDES=false.
+# Noise that costs tokens (lock files, vendored dependencies, minified bundles) and files that
+# usually hold secrets; matched whatever the case of their letters. Users re-include with
+# "!pattern" in EXCLUDE_PATH_PATTERNS or drop the whole list with USE_DEFAULT_EXCLUDES=false.
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     # lock files
     "package-lock.json",
@@ -53,15 +53,52 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.pfx",
     "*.jks",
     "*.keystore",
-    "id_rsa",
-    "id_dsa",
-    "id_ecdsa",
-    "id_ed25519",
+    "id_rsa*",  # and its copies: id_rsa.old, id_rsa.bak (the .pub too: nothing the model needs)
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
     "*.ppk",
+    # credential and token files
     ".netrc",
     ".npmrc",
     ".pypirc",
+    ".git-credentials",
+    ".pgpass",
+    ".htpasswd",
+    ".s3cfg",
+    ".envrc",
+    "**/.aws/credentials",
+    "**/.aws/config",
+    "**/.docker/config.json",
+    "credentials.json",
+    "application_default_credentials.json",
+    "**/.kube/config",
+    "kubeconfig",
+    "*.kubeconfig",
+    # infrastructure state and variables (they hold provider keys and generated passwords)
+    "*.tfstate",
+    "*.tfstate.backup",
+    "*.tfvars",
+    # shell and client histories
+    ".bash_history",
+    ".zsh_history",
+    ".python_history",
+    ".psql_history",
+    ".mysql_history",
+    ".node_repl_history",
+    # database dumps
+    "*.dump",
+    "*dump*.sql",
+    "*.sql.gz",
+    "*.sql.bz2",
+    "*.sql.xz",
+    "*.sql.zst",
 )
+
+
+def case_insensitive(pattern: str) -> str:
+    """A gitignore pattern that matches whatever the letters' case: ``*.pem`` -> ``*.[pP][eE][mM]``."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
 
 
 @dataclass(frozen=True)
@@ -76,7 +113,9 @@ class PathFilter:
 
     @classmethod
     def build(cls, user_patterns: Sequence[str], use_defaults: bool) -> PathFilter:
-        return cls((*(DEFAULT_EXCLUDES if use_defaults else ()), *user_patterns))
+        """The defaults (matched whatever the case: ``PRIVATE.KEY``, ``my.ENV``), then the user's, as git reads them."""
+        defaults = tuple(case_insensitive(p) for p in DEFAULT_EXCLUDES) if use_defaults else ()
+        return cls((*defaults, *user_patterns))
 
     def excludes(self, path: bytes) -> bool:
         return self._spec.match_file(path_key(path))
