@@ -24,7 +24,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from ..chat.access import host_allowed
 from ..chat.errors import ApiError
 from ..chat.request import is_json_media_type
-from ..chat.routes import CHAT_PATH, route_path
+from ..chat.routes import is_chat_route
 from .hooks import request_hook
 from .state import ScoutState
 
@@ -71,7 +71,7 @@ class BrowserGuard:
         method = flow.request.method.upper()
         if method == "OPTIONS":
             flow.response = http.Response.make(204)  # its CORS headers are added with every answer's
-        elif method == "POST" and route_path(flow.request.path) == CHAT_PATH:
+        elif method == "POST" and is_chat_route(flow.request.path):
             content_type = flow.request.headers.get("content-type")
             if content_type is None or not is_json_media_type(content_type):
                 raise ApiError(

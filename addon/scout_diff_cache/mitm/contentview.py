@@ -14,7 +14,7 @@ from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
 from ..chat.request import is_json_media_type
-from ..chat.routes import CHAT_PATH, route_path
+from ..chat.routes import is_chat_route
 from ..view.request import render_request
 from ..view.response import SSE_MEDIA_TYPE, render_response
 from ..view.snapshot import SnapshotIndex
@@ -37,7 +37,7 @@ class ChatContentview(Contentview):
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         flow = metadata.flow
-        if not data or not isinstance(flow, http.HTTPFlow) or route_path(flow.request.path) != CHAT_PATH:
+        if not data or not isinstance(flow, http.HTTPFlow) or not is_chat_route(flow.request.path):
             return 0
         media_type = metadata.content_type
         if metadata.http_message is flow.request and (media_type is None or is_json_media_type(media_type)):

@@ -12,7 +12,7 @@ from mitmproxy import http
 from mitmproxy.net.http.url import hostport
 
 from ..chat.errors import ApiError
-from ..chat.routes import CHAT_PATH, route_path
+from ..chat.routes import is_chat_route
 from ..chat.upstream import probe_upstream
 from .deadline import UpstreamDeadlines
 from .hooks import request_hook
@@ -50,7 +50,7 @@ class UpstreamForwarding:
 
     def _bare_chat(self, flow: http.HTTPFlow) -> bool:
         """A chat POST that got no context: neither rewritten now nor a replay sent as edited."""
-        if route_path(flow.request.path) != CHAT_PATH or flow.request.method.upper() != "POST":
+        if not is_chat_route(flow.request.path) or flow.request.method.upper() != "POST":
             return False
         replayed_as_edited = flow.is_replay == "request" and METADATA_KEY in flow.metadata
         return flow.id not in self.state.chats and not replayed_as_edited

@@ -18,7 +18,7 @@ from mitmproxy import http
 
 from ..chat.errors import ApiError
 from ..chat.request import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
-from ..chat.routes import CHAT_PATH, route_path
+from ..chat.routes import CHAT_PATH, is_chat_route, is_near_chat_route, route_path
 from ..chat.usage import ask_for_stream_usage
 from ..context.framing import strip_context
 from ..context.provider import ContextProvider, RepoContext
@@ -39,7 +39,15 @@ class ContextInjection:
     @request_hook
     async def request(self, flow: http.HTTPFlow) -> None:
         settings, provider = self.state.configured()
-        if route_path(flow.request.path) != CHAT_PATH:
+        if not is_chat_route(flow.request.path):
+            if settings.inject_context and is_near_chat_route(flow.request.path):
+                raise ApiError(
+                    404,
+                    f"{route_path(flow.request.path)!r} is not a chat route of any model server (case, a "
+                    f"';parameter' or a control character); send chat requests to {CHAT_PATH}",
+                    "invalid_request_error",
+                    "unknown_route",
+                )
             return
         method = flow.request.method.upper()
         if not settings.inject_context:
@@ -51,7 +59,7 @@ class ContextInjection:
             flow.response = error_response(
                 ApiError(
                     405,
-                    f"{method} is not allowed on {CHAT_PATH}; use POST",
+                    f"{method} is not allowed on {route_path(flow.request.path)}; use POST",
                     "invalid_request_error",
                     "method_not_allowed",
                 )
