@@ -51,6 +51,12 @@ class Settings(BaseModel):
         ge=1,
         description="Size of the working diff; past it, files are left out with a note naming them.",
     )
+    max_body_bytes: int = Field(
+        67108864,
+        ge=1024,
+        description="Largest client request body (also once gzip- or deflate-decoded: 413) and non-streamed "
+        "answer (502) the proxy accepts; mitmproxy's body_size_limit. Streamed answers are not limited.",
+    )
     inject_context: bool = Field(
         True,
         description="Inject snapshot and diff; false makes the proxy a pass-through.",

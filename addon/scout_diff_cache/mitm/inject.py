@@ -11,13 +11,15 @@ stored one: a stored flow may have had its snapshot trimmed from memory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from mitmproxy import http
 
+from ..chat.body import decoded_body
 from ..chat.errors import ApiError
-from ..chat.request import AssembledBody, BadRequest, assemble_body, is_json_media_type, parse_chat_request
+from ..chat.request import AssembledBody, BadRequest, ChatRequest, assemble_body, is_json_media_type, parse_chat_request
 from ..chat.routes import CHAT_PATH, is_chat_route, is_near_chat_route, route_path
 from ..chat.usage import ask_for_stream_usage
 from ..context.framing import strip_context
@@ -30,6 +32,8 @@ from .hooks import error_response, request_hook
 from .state import METADATA_KEY, ChatRecord, ScoutState
 
 logger = logging.getLogger(__name__)
+
+PARSE_ON_LOOP_BYTES = 1 << 20
 
 
 class ContextInjection:
@@ -68,13 +72,15 @@ class ContextInjection:
 
     async def inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
         started = time.perf_counter()
-        body = flow.request.get_content(strict=False) or b""
         if flow.is_replay == "request" and METADATA_KEY in flow.metadata:
             replayed = replayed_client_body(flow)
             if replayed is None:
                 logger.info("replayed chat request: edited in mitmweb, sent as it is now")
                 return
             body = replayed  # the client's part; the context is injected afresh below
+        else:
+            encoding = flow.request.headers.get("content-encoding")
+            body = decoded_body(flow.request.raw_content or b"", encoding, settings.max_body_bytes)
         content_type = flow.request.headers.get("content-type")
         if content_type is not None and not is_json_media_type(content_type):
             raise ApiError(
@@ -84,7 +90,8 @@ class ContextInjection:
                 "unsupported_media_type",
             )
         try:
-            chat = parse_chat_request(body)
+            # A large body is parsed in a thread: other connections keep being served meanwhile.
+            chat = parse_chat_request(body) if len(body) <= PARSE_ON_LOOP_BYTES else await parse_in_thread(body)
         except BadRequest as e:
             raise ApiError(400, str(e), "invalid_request_error", "invalid_request", e.param) from None
         usage_added = settings.stream_usage and ask_for_stream_usage(chat.fields)
@@ -128,6 +135,10 @@ class ContextInjection:
             human_bytes(len(body)),
             (time.perf_counter() - started) * 1000,
         )
+
+
+async def parse_in_thread(body: bytes) -> ChatRequest:
+    return await asyncio.to_thread(parse_chat_request, body)
 
 
 def replayed_client_body(flow: http.HTTPFlow) -> bytes | None:

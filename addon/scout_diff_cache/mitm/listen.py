@@ -16,7 +16,8 @@ answer. ``configure`` sets ``lazy`` before the first connection is accepted (mit
 script before it accepts) and sets it back whenever it is changed.
 
 ``tcp_timeout`` is raised past ``UPSTREAM_TIMEOUT_MS``, so a silent prefill ends in the proxy's
-504, not in mitmproxy's inactivity cut.
+504, not in mitmproxy's inactivity cut, and ``body_size_limit`` is MAX_BODY_BYTES: no client can
+make the proxy hold an unbounded body (a larger one gets 413 while it is being read).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 TCP_TIMEOUT_MARGIN_SECONDS = 30
 TCP_TIMEOUT_UNLIMITED_SECONDS = 7 * 24 * 3600
-WATCHED_OPTIONS = frozenset({"listen_host", "mode", "tcp_timeout", "connection_strategy"})
+WATCHED_OPTIONS = frozenset({"listen_host", "mode", "tcp_timeout", "connection_strategy", "body_size_limit"})
 
 
 def wanted_tcp_timeout(settings: Settings) -> int:
@@ -88,6 +89,8 @@ class ListenGuard:
                 wanted,
             )
             changes["tcp_timeout"] = wanted
+        if "body_size_limit" in ctx.options:  # an option of mitmproxy's proxy server addon
+            changes["body_size_limit"] = str(settings.max_body_bytes)
         self._write(changes)
 
     def _write(self, changes: dict[str, Any]) -> None:
