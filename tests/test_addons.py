@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib.util
 import json
@@ -17,6 +18,7 @@ from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from inprocess import ScoutAddons
+from scout_diff_cache.mitm import gc as gc_module
 from scout_diff_cache.mitm.auth import ClientAuth
 from scout_diff_cache.mitm.browser import BrowserGuard
 from scout_diff_cache.mitm.endpoints import LocalEndpoints
@@ -468,3 +470,24 @@ async def test_browser_guard_refuses_foreign_hosts_and_origins_and_drops_upstrea
     addon.get(BrowserGuard).responseheaders(passed)
     assert "access-control-allow-origin" not in passed.response.headers
     assert passed.response.headers["x-other"] == "1"
+
+
+async def test_gc_pacing_collects_and_trims_once_the_proxy_is_idle(
+    addon: ScoutAddons, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collections: list[int] = []
+    trims: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(1) or 0)
+    monkeypatch.setattr(gc_module, "release_free_memory", lambda: trims.append(1))
+    monkeypatch.setattr(gc_module, "IDLE_SECONDS", 0.05)
+    pacing = addon.get(GcPacing)
+    addon.state.spliced_bytes = 1000
+    addon.state.chats["in flight"] = object()  # type: ignore[assignment]
+    pacing.response(tflow.tflow(resp=True))
+    await asyncio.sleep(0.2)
+    assert (collections, trims) == ([], [])  # a chat still in flight: not idle
+    del addon.state.chats["in flight"]
+    pacing.client_disconnected(tflow.tclient_conn())
+    await asyncio.sleep(0.2)
+    assert (collections, trims) == ([1], [1])
+    assert addon.state.spliced_bytes == 0

@@ -6,12 +6,13 @@ import gzip
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from support import Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream, generated_files
 
 CHAT = "/v1/chat/completions"
 LIMIT = 1 << 20  # MAX_BODY_BYTES in these tests
@@ -96,3 +97,36 @@ def test_clients_without_the_key_cannot_make_the_proxy_hold_their_bodies(
     assert peak_rss(proxy.process.pid) - before < 24 * MIB  # 4 x 16 MiB were sent
     assert proxy.log().count("Request body exceeds mitmproxy's body_size_limit") == 4
     assert upstream.recorded == []
+
+
+def resident(pid: int) -> int:
+    """Resident memory now (VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_returns_to_its_baseline_when_a_burst_is_over(
+    make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Each concurrent request holds a snapshot-sized body; they used to stay resident after the burst."""
+    repo = make_repo(generated_files(400, 12_000))  # a snapshot of about 5 MB
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+    small = chat_json(10)
+    assert send(proxy, small, {"content-type": "application/json"})[0] == 200
+    time.sleep(1.5)
+    baseline = resident(proxy.process.pid)
+    for _ in range(2):
+        threads = [
+            threading.Thread(target=send, args=(proxy, small, {"content-type": "application/json"})) for _ in range(24)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        deadline = time.monotonic() + 10
+        while resident(proxy.process.pid) > baseline + 32 * MIB and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert resident(proxy.process.pid) <= baseline + 32 * MIB, (resident(proxy.process.pid) - baseline) / MIB
+    assert len(upstream.chat_requests()) == 49
