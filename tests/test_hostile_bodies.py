@@ -19,12 +19,20 @@ LIMIT = 1 << 20  # MAX_BODY_BYTES in these tests
 MIB = 1 << 20
 
 
-def peak_rss(pid: int) -> int:
-    """The process's peak resident memory so far, in bytes (VmHWM)."""
+def proc_memory(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status (VmRSS: resident now; VmHWM: its peak so far), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def peak_rss(pid: int) -> int:
+    return proc_memory(pid, "VmHWM")
+
+
+def resident(pid: int) -> int:
+    return proc_memory(pid, "VmRSS")
 
 
 def send(
@@ -97,14 +105,6 @@ def test_clients_without_the_key_cannot_make_the_proxy_hold_their_bodies(
     assert peak_rss(proxy.process.pid) - before < 24 * MIB  # 4 x 16 MiB were sent
     assert proxy.log().count("Request body exceeds mitmproxy's body_size_limit") == 4
     assert upstream.recorded == []
-
-
-def resident(pid: int) -> int:
-    """Resident memory now (VmRSS), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_memory_returns_to_its_baseline_when_a_burst_is_over(
