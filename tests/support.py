@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -629,6 +630,30 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def raw_request(proxy: Proxy, method: str, path: str, body: str | None, headers: Mapping[str, str]) -> Answer:
+    """One request with exactly these headers (http.client adds only Host, unless given, and Content-Length)."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host="host" in headers, skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        encoded = body.encode() if body is not None else None
+        if encoded is not None:
+            connection.putheader("content-length", str(len(encoded)))
+        connection.endheaders(encoded)
+        response = connection.getresponse()
+        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        connection.close()
 
 
 # --- mitmweb's own API ------------------------------------------------------------------------------

@@ -7,47 +7,21 @@ own name: its Host header names a site the proxy has never heard of.
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from support import Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream, raw_request
 
 CHAT = "/v1/chat/completions"
 CHAT_BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "repeat the first system message"}]})
 PAGE = "http://localhost:3000"
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def raw(proxy: Proxy, method: str, path: str, body: str | None, headers: Mapping[str, str]) -> Answer:
-    """One request with exactly these headers (http.client adds only Host, unless given, and Content-Length)."""
-    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    try:
-        connection.putrequest(method, path, skip_host="host" in headers, skip_accept_encoding=True)
-        for name, value in headers.items():
-            connection.putheader(name, value)
-        encoded = body.encode() if body is not None else None
-        if encoded is not None:
-            connection.putheader("content-length", str(len(encoded)))
-        connection.endheaders(encoded)
-        response = connection.getresponse()
-        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-    finally:
-        connection.close()
-
-
 def error_code(proxy: Proxy, method: str, path: str, body: str | None, headers: Mapping[str, str]) -> tuple[int, str]:
-    answer = raw(proxy, method, path, body, headers)
+    answer = raw_request(proxy, method, path, body, headers)
     return answer.status, json.loads(answer.body)["error"]["code"]
 
 
@@ -79,8 +53,8 @@ def test_a_dns_rebinding_host_is_refused(
         assert error_code(proxy, "GET", "/v1/other", None, {"host": host}) == (403, "host_not_allowed")
     assert upstream.recorded == []
     for host in (f"localhost:{proxy.port}", f"127.0.0.1:{proxy.port}", f"[::1]:{proxy.port}", "scout.internal"):
-        assert raw(proxy, "GET", "/health", None, {"host": host}).status == 200, host
-    response = raw(
+        assert raw_request(proxy, "GET", "/health", None, {"host": host}).status == 200, host
+    response = raw_request(
         proxy, "POST", CHAT, CHAT_BODY, {"host": f"localhost:{proxy.port}", "content-type": "application/json"}
     )
     assert response.status == 200
@@ -94,7 +68,7 @@ def test_an_allowed_origin_is_served_with_cors_headers_of_the_proxys_own(
     proxy = start_proxy(
         upstream.url, {"GIT_REPO_PATH": str(repo_path), "ALLOWED_ORIGINS": f"{PAGE}, http://other.test"}
     )
-    preflight = raw(
+    preflight = raw_request(
         proxy,
         "OPTIONS",
         CHAT,
@@ -106,7 +80,7 @@ def test_an_allowed_origin_is_served_with_cors_headers_of_the_proxys_own(
     assert "POST" in preflight.headers.get("access-control-allow-methods", "")
     assert upstream.recorded == []  # answered by the proxy
 
-    answer = raw(proxy, "POST", CHAT, CHAT_BODY, {"origin": PAGE, "content-type": "application/json"})
+    answer = raw_request(proxy, "POST", CHAT, CHAT_BODY, {"origin": PAGE, "content-type": "application/json"})
     assert answer.status == 200
     assert answer.headers.get("access-control-allow-origin") == PAGE
     assert error_code(proxy, "POST", CHAT, CHAT_BODY, {"origin": PAGE}) == (415, "unsupported_media_type")
@@ -118,7 +92,7 @@ def test_the_upstreams_cors_headers_never_reach_a_client(
 ) -> None:
     """The fake upstream answers OPTIONS with 'access-control-allow-origin: *', as vLLM does by default."""
     proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo_path)})
-    response = raw(proxy, "OPTIONS", CHAT, None, {})
+    response = raw_request(proxy, "OPTIONS", CHAT, None, {})
     assert response.status == 204
     assert [r.method for r in upstream.recorded] == ["OPTIONS"]
     assert "access-control-allow-origin" not in response.headers

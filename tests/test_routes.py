@@ -5,13 +5,12 @@ Paths go out exactly as written (http.client does not normalise them), against a
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Callable
 
 import pytest
 
-from support import Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream, raw_request
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 CHAT_ROUTES = [
@@ -29,13 +28,8 @@ NEAR_MISSES = ["/V1/chat/completions", "/v1/Chat/Completions", "/v1/chat/complet
 
 
 def post(proxy: Proxy, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    try:
-        connection.request("POST", path, body=BODY, headers={"content-type": "application/json"})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    answer = raw_request(proxy, "POST", path, BODY, {"content-type": "application/json"})
+    return answer.status, answer.body
 
 
 @pytest.fixture

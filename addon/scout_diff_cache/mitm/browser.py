@@ -19,13 +19,13 @@ own DNS name to 127.0.0.1 needs no CORS at all: the browser thinks it talks to i
 from __future__ import annotations
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import ProxyMode
 
 from ..chat.access import host_allowed
 from ..chat.errors import ApiError
 from ..chat.request import is_json_media_type
 from ..chat.routes import is_chat_route
 from .hooks import request_hook
+from .listen import listen_hosts
 from .state import ScoutState
 
 PREFLIGHT_MAX_AGE_SECONDS = 600
@@ -49,7 +49,7 @@ class BrowserGuard:
         if (
             flow.is_replay is None
             and host is not None
-            and not host_allowed(host, [*settings.allowed_hosts, *listen_hosts()])
+            and not host_allowed(host, [*settings.allowed_hosts, *listen_hosts(ctx.options.listen_host)])
         ):
             raise ApiError(
                 403,
@@ -95,11 +95,6 @@ class BrowserGuard:
             response.headers["vary"] = "Origin"
             if flow.request.method.upper() == "OPTIONS":
                 response.headers.update(preflight_headers(origin))
-
-
-def listen_hosts() -> list[str]:
-    """The hosts the proxy's listeners are bound to, as clients may name them."""
-    return [ProxyMode.parse(spec).listen_host(ctx.options.listen_host) for spec in ctx.options.mode]
 
 
 def preflight_headers(origin: str) -> dict[str, str]:

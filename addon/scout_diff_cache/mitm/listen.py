@@ -49,6 +49,11 @@ def wanted_tcp_timeout(settings: Settings) -> int:
     return settings.upstream_timeout_ms // 1000 + TCP_TIMEOUT_MARGIN_SECONDS
 
 
+def listen_hosts(listen_host: str) -> list[str]:
+    """The host each proxy mode listens on, given the default ``listen_host`` (a mode's ``@host`` wins)."""
+    return [ProxyMode.parse(spec).listen_host(listen_host) for spec in ctx.options.mode]
+
+
 def remote_allowed(settings: Settings | None) -> bool:
     """Whether anything but loopback may reach the proxy (never before the settings are known)."""
     return settings is not None and (settings.proxy_api_key is not None or settings.allow_remote_without_key)
@@ -71,7 +76,7 @@ class ListenGuard:
             changes["connection_strategy"] = "lazy"
         listen_host = ctx.options.listen_host or LOOPBACK  # mitmproxy's default "" is every interface
         changes["listen_host"] = listen_host
-        exposed = open_listen_hosts(ProxyMode.parse(spec).listen_host(listen_host) for spec in ctx.options.mode)
+        exposed = open_listen_hosts(listen_hosts(listen_host))
         if exposed and not remote_allowed(settings):
             # mitmdump may still bind after this error, before it exits: make that a loopback bind.
             self._write({**changes, "listen_host": LOOPBACK})
