@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mitmproxy import addonmanager, ctx, hooks, http
-from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHook
 
 from scout_diff_cache.context.provider import ContextProvider
 from scout_diff_cache.mitm import make_addons
@@ -42,7 +42,10 @@ class ScoutAddons:
             await ctx.master.addons.invoke_addon(self, hook)
 
     async def send_request(self, flow: http.HTTPFlow) -> None:
-        await self.fire(HttpRequestHook(flow))
+        """``requestheaders``, then (unless a hook killed the flow) ``request``, as mitmproxy runs them."""
+        await self.fire(HttpRequestHeadersHook(flow))
+        if flow.error is None:
+            await self.fire(HttpRequestHook(flow))
 
     async def send_response(self, flow: http.HTTPFlow) -> None:
         await self.fire(HttpResponseHook(flow))

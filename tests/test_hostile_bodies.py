@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,36 +75,93 @@ def test_a_gzip_bomb_is_refused_without_inflating_it(proxy: Proxy, upstream: Ups
 
 
 def test_a_body_over_the_limit_is_refused_with_or_without_a_length(proxy: Proxy, upstream: Upstream) -> None:
-    status, answer = send(proxy, chat_json(2 * MIB), {"content-type": "application/json"})
+    """The client sends its whole body before it reads (as http.client does) and still reads the 413.
+
+    24 MiB is more than the kernel's socket buffers hold: the proxy must go on reading (and discarding).
+    """
+    status, answer = send(proxy, chat_json(24 * MIB), {"content-type": "application/json"}, timeout=8)
     assert (status, answer["error"]["code"]) == (413, "request_too_large")  # type: ignore[index]
-    pieces = (b"x" * 65536 for _ in range(64))  # 4 MiB, chunked: no length to judge it by
-    status, answer = send(proxy, pieces, {"content-type": "application/json"})
+    pieces = (b"x" * 65536 for _ in range(384))  # 24 MiB, chunked: no length to judge it by
+    status, answer = send(proxy, pieces, {"content-type": "application/json"}, timeout=8)
     assert (status, answer["error"]["code"]) == (413, "request_too_large")  # type: ignore[index]
     assert upstream.recorded == []
+    assert send(proxy, chat_json(1000), {"content-type": "application/json"})[0] == 200
+
+
+KEY = "sk-the-key"
+
+
+@pytest.fixture
+def keyed_proxy(make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: Callable[..., Proxy]) -> Proxy:
+    repo = make_repo({"a.py": "x = 1\n"})
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path), "PROXY_API_KEY": KEY})
+    assert proxy.request("GET", "/health", headers={"authorization": f"Bearer {KEY}"}).status == 200
+    return proxy
+
+
+def read_answer(sock: socket.socket, seconds: float) -> bytes:
+    """What the proxy sends until it closes, read for at most ``seconds``."""
+    sock.settimeout(seconds)
+    received = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not data:
+            break
+        received += data
+    return received
+
+
+def test_a_client_without_the_key_is_refused_before_it_sends_its_body(keyed_proxy: Proxy, upstream: Upstream) -> None:
+    """The 401 comes after the headers alone: the proxy does not wait for (or read) a 256 MiB body."""
+    with socket.create_connection(("127.0.0.1", keyed_proxy.port), timeout=10) as sock:
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        sock.sendall(f"{head}content-length: {256 * MIB}\r\n\r\n".encode() + b"{" * 1000)
+        answer = read_answer(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'"code": "invalid_api_key"' in answer and b"connection: close" in answer.lower()
+    with socket.create_connection(("127.0.0.1", keyed_proxy.port), timeout=10) as sock:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n".encode())
+        sock.sendall(f"content-length: {MIB}\r\n\r\n".encode())  # waits for 100 Continue, which never comes
+        assert read_answer(sock, 5).startswith(b"HTTP/1.1 401 ")
+    assert upstream.recorded == []
+    assert keyed_proxy.log().count(f"refused POST {CHAT} before its body: 401") == 2
+
+
+def test_a_client_without_the_key_that_sends_its_whole_body_first_reads_the_401(
+    keyed_proxy: Proxy, upstream: Upstream
+) -> None:
+    """http.client (like most SDKs) sends the whole body before reading: the 401 must survive the close."""
+    for body in (chat_json(24 * MIB), (b"x" * 65536 for _ in range(384))):  # more than socket buffers hold
+        headers = {"content-type": "application/json", "authorization": "Bearer sk-no"}
+        status, answer = send(keyed_proxy, body, headers, timeout=8)
+        assert (status, answer["error"]["code"]) == (401, "invalid_api_key")  # type: ignore[index]
+    status, _ = send(keyed_proxy, chat_json(10), {"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    assert status == 200 and len(upstream.chat_requests()) == 1
 
 
 def test_clients_without_the_key_cannot_make_the_proxy_hold_their_bodies(
-    make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: Callable[..., Proxy]
+    keyed_proxy: Proxy, upstream: Upstream
 ) -> None:
-    repo = make_repo({"a.py": "x = 1\n"})
-    env = {"GIT_REPO_PATH": str(repo.path), "MAX_BODY_BYTES": str(LIMIT), "PROXY_API_KEY": "sk-the-key"}
-    proxy = start_proxy(upstream.url, env)
-    assert proxy.request("GET", "/health", headers={"authorization": "Bearer sk-the-key"}).status == 200
-    before = peak_rss(proxy.process.pid)
+    before = peak_rss(keyed_proxy.process.pid)
     statuses: list[int] = []
 
     def flood() -> None:
-        pieces = (b"x" * 65536 for _ in range(256))  # 16 MiB each, chunked
-        statuses.append(send(proxy, pieces, {"content-type": "application/json"}, timeout=5)[0])
+        pieces = (b"x" * 65536 for _ in range(1024))  # 64 MiB each, chunked, the default MAX_BODY_BYTES
+        statuses.append(send(keyed_proxy, pieces, {"content-type": "application/json"}, timeout=20)[0])
 
     threads = [threading.Thread(target=flood) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    assert len(statuses) == 4 and set(statuses) <= {413, 0}, statuses  # refused, never read to the end
-    assert peak_rss(proxy.process.pid) - before < 24 * MIB  # 4 x 16 MiB were sent
-    assert proxy.log().count("Request body exceeds mitmproxy's body_size_limit") == 4
+    assert statuses == [401] * 4  # each body was drained and discarded, and the 401 read after it
+    assert peak_rss(keyed_proxy.process.pid) - before < 16 * MIB  # 4 x 64 MiB were sent
+    assert keyed_proxy.log().count(f"refused POST {CHAT} before its body: 401") == 4
+    assert "body_size_limit" not in keyed_proxy.log()  # no body was read far enough to reach the limit
     assert upstream.recorded == []
 
 

@@ -2,8 +2,8 @@
 
 Order matters where hooks of several addons meet: the settings first (every other addon reads
 them in its own ``configure``), the request hooks in the order a request needs them (Host and
-Origin, auth, the proxy's own endpoints, the rewrite, then forwarding), the verdict before body
-retention.
+Origin, then auth, both judged on the headers before the body is read; the proxy's own endpoints,
+the rewrite, then forwarding), the verdict before body retention.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         ListenGuard(state),  # loopback by default, lazy connections, tcp_timeout
         ErrorEnvelopes(state),  # mitmproxy's own error answers as OpenAI envelopes
         ChatView(state),  # mitmweb's "Scout chat" content view
-        BrowserGuard(state),  # request: Host and Origin (DNS rebinding, web pages); CORS headers
-        ClientAuth(state),  # request: PROXY_API_KEY
+        BrowserGuard(state),  # requestheaders: Host and Origin (DNS rebinding, web pages); CORS headers
+        ClientAuth(state),  # requestheaders: PROXY_API_KEY (before the body is read)
         LocalEndpoints(state),  # request: /health, /metrics, /v1/models
         ContextInjection(state),  # request: snapshot + working diff + the client's messages
         UpstreamForwarding(state),  # request: TARGET_API_KEY, reachability, the response deadline

@@ -1,4 +1,9 @@
-"""Client auth: with PROXY_API_KEY set, every request must carry it; the header is masked at once."""
+"""Client auth: with PROXY_API_KEY set, every request must carry it; the header is masked at once.
+
+Checked on the request's headers: a client without the key gets its 401 before it has sent its
+body, and the proxy never reads that body (it is drained and discarded, bounded, so the client
+can read the answer).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from mitmproxy import http
 
 from ..chat.access import is_authorized
 from ..chat.errors import ApiError
-from .hooks import request_hook
+from .hooks import headers_hook
 from .state import ScoutState
 
 MASKED_CLIENT_AUTHORIZATION = "Bearer [PROXY_API_KEY]"
@@ -17,8 +22,8 @@ class ClientAuth:
     def __init__(self, state: ScoutState) -> None:
         self.state = state
 
-    @request_hook
-    async def request(self, flow: http.HTTPFlow) -> None:
+    @headers_hook
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         settings, _ = self.state.configured()
         if settings.proxy_api_key is None:
             return

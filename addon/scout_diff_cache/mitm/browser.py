@@ -14,6 +14,8 @@ own DNS name to 127.0.0.1 needs no CORS at all: the browser thinks it talks to i
   every cross-origin request and every POST. An allowed origin's preflight is answered here, its
   chat requests must be JSON, and its answers carry CORS headers for it.
 - No CORS header from the upstream reaches a client: the proxy alone decides who may read.
+
+All of it is judged on the request's headers, before the body is read (``headers_hook``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..chat.access import host_allowed
 from ..chat.errors import ApiError
 from ..chat.request import is_json_media_type
 from ..chat.routes import is_chat_route
-from .hooks import request_hook
+from .hooks import headers_hook
 from .listen import listen_hosts
 from .state import ScoutState
 
@@ -41,8 +43,8 @@ class BrowserGuard:
         if "keep_host_header" in ctx.options and not ctx.options.keep_host_header:
             ctx.options.keep_host_header = True  # the client's Host, for the check; forwarding sets the upstream's
 
-    @request_hook
-    async def request(self, flow: http.HTTPFlow) -> None:
+    @headers_hook
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         settings, _ = self.state.configured()
         host = flow.request.host_header
         # A replay (mitmweb's, client_replay) carries the Host it was sent upstream with, and no browser sends it.

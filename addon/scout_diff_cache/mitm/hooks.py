@@ -6,6 +6,10 @@ the model server without its context. ``request_hook`` wraps an addon's hook so 
 nothing once another addon has answered (``flow.response`` is set), and so that any exception
 it raises becomes the client's answer: an ``ApiError`` as its own envelope, anything else as a
 500, logged with its traceback. An answered flow is never forwarded.
+
+``headers_hook`` does the same for ``requestheaders`` hooks, which judge a request by its headers
+alone (Host, Origin, the proxy key): a refusal there is sent before the body is read, so a client
+that may not use the proxy cannot make it hold a body.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Protocol
 from mitmproxy import http
 
 from ..chat.errors import ApiError, internal_error
+from .internals import answer_before_body
 from .state import ScoutState
 
 logger = logging.getLogger(__name__)
@@ -65,5 +70,45 @@ def request_hook[A: HasState](
         except Exception as e:
             logger.exception("scout-diff-cache: %s failed on %s", type(addon).__name__, flow.request.path)
             answer_error(addon.state, flow, internal_error(e))
+
+    return guarded
+
+
+def expects_body(request: http.Request) -> bool:
+    """Whether a body follows the request's headers (a length above 0, or a transfer coding)."""
+    if "transfer-encoding" in request.headers:
+        return True
+    try:
+        return int(request.headers.get("content-length", "0")) > 0
+    except ValueError:
+        return True  # mitmproxy refuses a malformed length itself; never wait for it here
+
+
+def refuse_from_headers(state: ScoutState, flow: http.HTTPFlow, error: ApiError) -> None:
+    """Answer ``error`` from a ``requestheaders`` hook: at once, without reading a body that follows."""
+    response = error_response(error)
+    state.metrics.error(error.status, "proxy")
+    answered_early = expects_body(flow.request) and answer_before_body(flow, response.copy())
+    flow.response = response  # what mitmweb shows; mitmproxy sends it after the (empty) body if not sent yet
+    if answered_early:
+        logger.info("refused %s %s before its body: %s", flow.request.method, flow.request.path, error.status)
+
+
+def headers_hook[A: HasState](
+    hook: Callable[[A, http.HTTPFlow], Awaitable[None]],
+) -> Callable[[A, http.HTTPFlow], Awaitable[None]]:
+    """Wrap an addon's ``requestheaders`` hook: skip answered flows; refuse before the body on failure."""
+
+    @functools.wraps(hook)
+    async def guarded(addon: A, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return
+        try:
+            await hook(addon, flow)
+        except ApiError as e:
+            refuse_from_headers(addon.state, flow, e)
+        except Exception as e:
+            logger.exception("scout-diff-cache: %s failed on %s", type(addon).__name__, flow.request.path)
+            refuse_from_headers(addon.state, flow, internal_error(e))
 
     return guarded

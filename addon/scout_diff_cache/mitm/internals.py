@@ -16,16 +16,24 @@ upgrade breaks it):
   request) OpenAI error envelopes instead of HTML pages, with 503 for a failed upstream connect.
 - ``restart_listeners`` binds the proxy's listeners again with the current options: mitmproxy
   binds them before it loads ``-s`` scripts, so a listen address the addon chose came too late.
+- ``answer_before_body`` answers a request from its headers alone and closes the connection: the
+  body is never read into memory (mitmproxy reads every body before ``request``, and a response
+  set in ``requestheaders`` is only sent after it). ``linger_after_close`` keeps a closed client's
+  socket draining, bounded in bytes and time, so that a client still sending its body reads the
+  answer instead of a reset (closing a socket with unread data sends RST, and the client's
+  kernel may drop the answer with it); nginx's "lingering close" does the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import contentviews, ctx, http
+from mitmproxy.connection import Client
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers.http import _http1
@@ -34,6 +42,9 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 
 logger = logging.getLogger(__name__)
 
+LINGER_SECONDS = 10.0  # how long a refused client may go on sending before its socket is closed
+LINGER_MAX_BYTES = 256 << 20  # and how much of it is read and discarded
+_LINGER_READ_BYTES = 1 << 16
 _UNUSED_STREAM_ID = 0  # the HTTP layer routes injected events by the flow's connection, not by this
 
 
@@ -179,3 +190,81 @@ def remove_contentview(view: contentviews.Contentview) -> None:
     views = contentviews.registry._by_name
     if views.get(view.name.lower()) is view:
         del views[view.name.lower()]
+
+
+_lingering: set[asyncio.Task[None]] = set()
+
+
+def _client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
+    """The client's plain-TCP writer: None for TLS (mitmproxy encrypts in its layers) and non-TCP streams."""
+    handler = _connection_handler(flow)
+    io = handler.transports.get(flow.client_conn) if handler is not None else None
+    writer = getattr(io, "writer", None)
+    if not isinstance(writer, asyncio.StreamWriter) or flow.client_conn.tls or writer.is_closing():
+        return None
+    return writer
+
+
+def answer_before_body(flow: http.HTTPFlow, response: http.Response) -> bool:
+    """Send ``response`` to an HTTP/1 client now, from a ``requestheaders`` hook, and close the connection.
+
+    The flow is killed, so mitmproxy neither reads the body nor connects upstream; the client's
+    socket then lingers (``linger_after_close``). False if the connection cannot be written to
+    directly (TLS, HTTP/2, no live connection): the caller sets ``flow.response`` instead.
+    """
+    writer = _client_writer(flow)
+    if writer is None or not flow.request.http_version.startswith("HTTP/1") or not flow.killable:
+        return False
+    response.headers["connection"] = "close"
+    response.headers["content-length"] = str(len(response.raw_content or b""))
+    linger_after_close(flow)
+    writer.write(bytes(http1.assemble_response(response)))  # type: ignore[no-untyped-call]
+    flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy sends nothing for a kill, and closes the connection
+    return True
+
+
+def linger_after_close(flow: http.HTTPFlow) -> None:
+    """Once mitmproxy has written its answer and let go of the client's connection, drain what the client still sends.
+
+    A duplicate of the socket keeps it open past the close; it is shut for writing (the client
+    sees the answer and an end of stream), then read and discarded until the client stops,
+    ``LINGER_MAX_BYTES`` were read or ``LINGER_SECONDS`` passed, and closed. mitmproxy may let go of a
+    connection without closing its transport (its handler is cancelled mid-event); it is closed here.
+    """
+    writer = _client_writer(flow)
+    if writer is None:
+        return
+    raw_socket = writer.get_extra_info("socket")
+    if raw_socket is None:
+        return
+    task = asyncio.get_running_loop().create_task(_linger(flow.client_conn, writer, raw_socket.dup()))
+    _lingering.add(task)
+    task.add_done_callback(_lingering.discard)
+
+
+async def _linger(client: Client, writer: asyncio.StreamWriter, duplicate: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECONDS
+    try:
+        while not (writer.is_closing() or client.timestamp_end is not None) or writer.transport.get_write_buffer_size():
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.005)
+        writer.close()
+        duplicate.setblocking(False)
+        duplicate.shutdown(socket.SHUT_WR)
+        drained = 0
+        while drained <= LINGER_MAX_BYTES and (remaining := deadline - loop.time()) > 0:
+            data = await asyncio.wait_for(loop.sock_recv(duplicate, _LINGER_READ_BYTES), remaining)
+            if not data:
+                return
+            drained += len(data)
+    except (OSError, TimeoutError):
+        return
+    finally:
+        duplicate.close()
+
+
+def stop_lingering() -> None:
+    for task in list(_lingering):
+        task.cancel()
