@@ -103,6 +103,14 @@ class _FaultyHandler(BaseHTTPRequestHandler):
         """Accepts the connection (the probe succeeds), then closes it without a response."""
         self.close_connection = True
 
+    def _mode_interim_then_answer(self) -> None:
+        """Interim (1xx) answers the proxy did not ask for, then the real one (RFC 9110 allows any number)."""
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.wfile.flush()
+        time.sleep(0.05)
+        self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n")
+        self._mode_fast()
+
     def _mode_garbage(self) -> None:
         self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
         self.close_connection = True
@@ -322,6 +330,18 @@ def test_upstream_that_drops_the_connection_after_the_probe_is_an_envelope(
     assert result.headers["content-type"] == "application/json"
     assert error["code"] == "upstream_error"
     assert "<html" not in result.body.decode()
+    assert_proxy_healthy(proxy)
+
+
+def test_interim_answers_from_the_upstream_do_not_hide_its_real_answer(
+    repo: Repo, faulty: FaultyServer, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy(faulty.url, {"GIT_REPO_PATH": str(repo.path)})
+    faulty.mode = "interim_then_answer"
+    result = proxy.post(CHAT, CHAT_BODY)
+    assert result.status == 200, result.body[:300]
+    assert json.loads(result.body)["object"] == "chat.completion"
+    assert proxy.post(CHAT, CHAT_BODY).status == 200  # the connection is still in step
     assert_proxy_healthy(proxy)
 
 

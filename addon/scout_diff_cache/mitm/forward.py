@@ -3,7 +3,9 @@
 The last request hook before mitmproxy sends a request upstream. It swaps the client's key for
 TARGET_API_KEY (or drops PROXY_API_KEY), answers a 503 at once when the upstream does not accept
 a connection, and arms UPSTREAM_TIMEOUT_MS. It also refuses a chat request that should carry
-context and does not: nothing upstream of it may forward a bare chat request by mistake.
+context and does not: nothing upstream of it may forward a bare chat request by mistake. While
+it is loaded, interim (1xx) answers from the upstream are passed over: mitmproxy would take the
+first one for the answer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..chat.routes import is_chat_route
 from ..chat.upstream import probe_upstream
 from .deadline import UpstreamDeadlines
 from .hooks import request_hook
+from .internals import install_interim_skipping, uninstall_interim_skipping
 from .state import METADATA_KEY, ScoutState
 
 MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
@@ -25,6 +28,9 @@ class UpstreamForwarding:
     def __init__(self, state: ScoutState) -> None:
         self.state = state
         self.deadlines = UpstreamDeadlines()
+
+    def load(self, loader: object) -> None:
+        install_interim_skipping()
 
     @request_hook
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -70,6 +76,7 @@ class UpstreamForwarding:
 
     def done(self) -> None:
         self.deadlines.stop_all()
+        uninstall_interim_skipping()
 
     def _mask_upstream_key(self, flow: http.HTTPFlow) -> None:
         """Keep TARGET_API_KEY out of what mitmweb and mitmdump show once the request has gone."""

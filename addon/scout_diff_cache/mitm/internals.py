@@ -14,6 +14,9 @@ upgrade breaks it):
 - ``install_error_envelopes`` makes the answers mitmproxy writes itself to HTTP/1 clients (a
   connection the upstream refused or dropped, a broken upstream response, a malformed client
   request) OpenAI error envelopes instead of HTML pages, with 503 for a failed upstream connect.
+- ``install_interim_skipping`` has mitmproxy's HTTP/1 client pass over interim (1xx) responses
+  from the upstream, which it would take as the final answer and lose the real one; RFC 9110
+  lets a server send any number of them, asked for or not. 101 is left to mitmproxy.
 - ``restart_listeners`` binds the proxy's listeners again with the current options: mitmproxy
   binds them before it loads ``-s`` scripts, so a listen address the addon chose came too late.
 - ``answer_before_body`` answers a request from its headers alone and closes the connection: the
@@ -28,8 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from mitmproxy import contentviews, ctx, http
@@ -179,6 +183,25 @@ def install_error_envelopes(render: Callable[[int, str], http.Response]) -> None
 def uninstall_error_envelopes() -> None:
     _http1.make_error_response = _MITMPROXY_MAKE_ERROR_RESPONSE
     ErrorCode.http_status_code = _MITMPROXY_HTTP_STATUS_CODE  # type: ignore[method-assign]
+
+
+_MITMPROXY_CLIENT_READ_HEADERS = _http1.Http1Client.read_headers
+_INTERIM_STATUS_LINE = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9][0-9](?:[ \r\n])")
+
+
+def _read_headers_past_interim(self: _http1.Http1Client, event: events.ConnectionEvent) -> Generator[Any, Any, None]:
+    if isinstance(event, events.DataReceived) and self.request is not None:
+        while _INTERIM_STATUS_LINE.match(bytes(self.buf)[:16]) and (head := self.buf.maybe_extract_lines()):
+            logger.debug("passed over an interim answer from the upstream: %r", bytes(head[0]))
+    yield from _MITMPROXY_CLIENT_READ_HEADERS(self, event)
+
+
+def install_interim_skipping() -> None:
+    _http1.Http1Client.read_headers = _read_headers_past_interim  # type: ignore[method-assign]
+
+
+def uninstall_interim_skipping() -> None:
+    _http1.Http1Client.read_headers = _MITMPROXY_CLIENT_READ_HEADERS  # type: ignore[method-assign]
 
 
 def remove_contentview(view: contentviews.Contentview) -> None:
