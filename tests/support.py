@@ -446,6 +446,12 @@ class _UpstreamServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _UpstreamHandler)
         self.recorded: list[Recorded] = []
         self.behaviour = UpstreamBehaviour()
+        self.accepted = 0  # TCP connections accepted, the proxy's reachability probes included
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        accepted = super().get_request()
+        self.accepted += 1
+        return accepted
 
 
 @dataclass
@@ -464,6 +470,10 @@ class Upstream:
     @property
     def recorded(self) -> list[Recorded]:
         return self.server.recorded
+
+    @property
+    def accepted(self) -> int:
+        return self.server.accepted
 
     @property
     def behaviour(self) -> UpstreamBehaviour:

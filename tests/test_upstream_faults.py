@@ -7,6 +7,7 @@ upgrade that breaks it makes them fail.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import math
 import select
@@ -20,7 +21,7 @@ from typing import Any
 import openai
 import pytest
 
-from support import Proxy, Repo, free_port, http_request
+from support import Proxy, Repo, Upstream, free_port, http_request
 
 HOLD_SECONDS = 20.0
 CHAT = "/v1/chat/completions"
@@ -257,6 +258,35 @@ def test_tcp_timeout_is_raised_past_the_upstream_deadline(
     reply = client_for(proxy, 30).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert reply.id == "x"
     assert "tcp_timeout raised from 1 to 33 s" in proxy.log()
+
+
+# --- the reachability probe ---------------------------------------------------------------------
+
+
+def test_the_reachability_probe_costs_no_connection_per_request(
+    repo: Repo, upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """A probe per request doubled the connections the model server must accept (and overflowed its backlog)."""
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        for _ in range(6):  # one client connection, kept alive: its upstream connection stays open too
+            connection.request("POST", CHAT, body=CHAT_BODY, headers={"content-type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200, response.read()[:300]
+            response.read()
+    finally:
+        connection.close()
+    assert upstream.accepted <= 2, upstream.accepted  # its connection, and at most one probe
+    before = upstream.accepted
+    statuses: list[int] = []
+    threads = [threading.Thread(target=lambda: statuses.append(proxy.post(CHAT, CHAT_BODY).status)) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert statuses == [200] * 16
+    assert upstream.accepted - before <= 16 + 2, upstream.accepted - before  # concurrent probes share one
 
 
 # --- 503: the upstream cannot be reached ------------------------------------------------------

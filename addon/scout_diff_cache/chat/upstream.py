@@ -2,7 +2,11 @@
 
 Before a request is forwarded, ``probe_upstream`` opens (and resets) one TCP connection to the
 upstream, bounded by UPSTREAM_CONNECT_TIMEOUT_MS: mitmproxy itself has no connect timeout and
-answers a refused connection with an HTML page. ``post_json`` is the blocking client used for
+answers a refused connection with an HTML page. ``ReachabilityProbe`` keeps that from costing the
+model server a connection per request: concurrent requests share one probe, and a success is
+trusted for ``PROBE_FRESH_SECONDS`` (a failure never is: recovery is seen at once). An upstream
+that goes away inside that window is still answered: a refused connect by mitmproxy (503), a
+silent one by UPSTREAM_TIMEOUT_MS (504). ``post_json`` is the blocking client used for
 token counts and prewarm requests (run in threads).
 """
 
@@ -15,6 +19,36 @@ import ssl
 import urllib.request
 
 from .errors import ApiError
+
+PROBE_FRESH_SECONDS = 1.0
+
+
+class ReachabilityProbe:
+    """``probe_upstream`` shared: one probe in flight per upstream, and a recent success reused."""
+
+    def __init__(self, fresh_seconds: float = PROBE_FRESH_SECONDS) -> None:
+        self.fresh_seconds = fresh_seconds
+        self._in_flight: dict[tuple[str, int], asyncio.Future[ApiError | None]] = {}
+        self._reachable_until: dict[tuple[str, int], float] = {}
+
+    async def check(self, host: str, port: int, timeout_ms: int) -> ApiError | None:
+        loop = asyncio.get_running_loop()
+        key = (host, port)
+        if self._reachable_until.get(key, 0.0) > loop.time():
+            return None
+        pending = self._in_flight.get(key)
+        if pending is None:
+            pending = loop.create_task(probe_upstream(host, port, timeout_ms))
+            self._in_flight[key] = pending
+            pending.add_done_callback(lambda done: self._settle(key, done))
+        return await asyncio.shield(pending)
+
+    def _settle(self, key: tuple[str, int], done: asyncio.Future[ApiError | None]) -> None:
+        self._in_flight.pop(key, None)
+        if not done.cancelled() and done.exception() is None and done.result() is None:
+            self._reachable_until[key] = asyncio.get_running_loop().time() + self.fresh_seconds
+        else:
+            self._reachable_until.pop(key, None)
 
 
 async def probe_upstream(host: str, port: int, timeout_ms: int) -> ApiError | None:

@@ -2,10 +2,10 @@
 
 The last request hook before mitmproxy sends a request upstream. It swaps the client's key for
 TARGET_API_KEY (or drops PROXY_API_KEY), answers a 503 at once when the upstream does not accept
-a connection, and arms UPSTREAM_TIMEOUT_MS. It also refuses a chat request that should carry
-context and does not: nothing upstream of it may forward a bare chat request by mistake. While
-it is loaded, interim (1xx) answers from the upstream are passed over: mitmproxy would take the
-first one for the answer.
+a connection (a shared probe, skipped on an open upstream connection), and arms
+UPSTREAM_TIMEOUT_MS. It also refuses a chat request that should carry context and does not:
+nothing upstream of it may forward a bare chat request by mistake. While it is loaded, interim
+(1xx) answers from the upstream are passed over: mitmproxy would take the first one for the answer.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from mitmproxy.net.http.url import hostport
 
 from ..chat.errors import ApiError
 from ..chat.routes import is_chat_route
-from ..chat.upstream import probe_upstream
+from ..chat.upstream import ReachabilityProbe
 from .deadline import UpstreamDeadlines
 from .hooks import request_hook
-from .internals import install_interim_skipping, uninstall_interim_skipping
+from .internals import install_interim_skipping, uninstall_interim_skipping, upstream_connected
 from .state import METADATA_KEY, ScoutState
 
 MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
@@ -28,6 +28,7 @@ class UpstreamForwarding:
     def __init__(self, state: ScoutState) -> None:
         self.state = state
         self.deadlines = UpstreamDeadlines()
+        self.probe = ReachabilityProbe()
 
     def load(self, loader: object) -> None:
         install_interim_skipping()
@@ -43,8 +44,9 @@ class UpstreamForwarding:
             flow.request.headers["authorization"] = f"Bearer {settings.target_api_key}"
         elif settings.proxy_api_key is not None:
             flow.request.headers.pop("authorization", None)  # the proxy's key is not the upstream's
-        if settings.upstream_connect_timeout_ms:
-            unreachable = await probe_upstream(
+        # A kept-alive client's upstream connection is open already: it needs no probe.
+        if settings.upstream_connect_timeout_ms and not upstream_connected(flow):
+            unreachable = await self.probe.check(
                 flow.request.host, flow.request.port, settings.upstream_connect_timeout_ms
             )
             if unreachable is not None:
