@@ -8,6 +8,7 @@ import importlib.util
 import json
 import secrets
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from inprocess import ScoutAddons
+from scout_diff_cache.chat.usage import UpstreamUsage
 from scout_diff_cache.mitm import gc as gc_module
+from scout_diff_cache.mitm import verdicts as verdicts_module
 from scout_diff_cache.mitm.auth import ClientAuth
 from scout_diff_cache.mitm.browser import BrowserGuard
 from scout_diff_cache.mitm.endpoints import LocalEndpoints
@@ -281,7 +284,7 @@ async def test_verdicts_label_the_answer_and_count_the_outcome(scout: tuple[Scou
     flow.response = tutils.tresp(content=json.dumps({"choices": [], "usage": usage}).encode())
     verdicts = addon.get(CacheVerdicts)
     verdicts.responseheaders(flow)
-    verdicts.response(flow)
+    await verdicts.response(flow)
     assert flow.response.headers["x-scout-snapshot-commit"] == flow.metadata[METADATA_KEY]["commit"]
     assert flow.response.headers["x-scout-cache-expected"] == "miss; first request to this upstream"
     assert flow.response.headers["x-scout-cache"].startswith("hit; cached_tokens=380; prompt_tokens=400")
@@ -289,6 +292,32 @@ async def test_verdicts_label_the_answer_and_count_the_outcome(scout: tuple[Scou
     assert flow.comment.endswith("cached 95.0% (hit)")
     assert metric(addon, 'scout_chat_requests_total{outcome="hit"}') == 1
     assert addon.state.chats == {}
+
+
+async def test_a_large_answer_is_read_for_its_usage_off_the_event_loop(
+    scout: tuple[ScoutAddons, taddons.context], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 GB answer once held the event loop for 11 s in the usage parse; every other client waited."""
+    addon, _ = scout
+    parsed_on: list[bool] = []
+    original = verdicts_module.usage_from_body
+
+    def recording(body: bytes) -> UpstreamUsage | None:
+        parsed_on.append(threading.current_thread() is threading.main_thread())
+        return original(body)
+
+    monkeypatch.setattr(verdicts_module, "usage_from_body", recording)
+    usage = {"prompt_tokens": 400, "prompt_tokens_details": {"cached_tokens": 380}}
+    verdicts = addon.get(CacheVerdicts)
+    for text in ("short", "x" * (2 << 20)):
+        flow = flow_for()
+        await addon.send_request(flow)
+        answer = {"choices": [{"message": {"role": "assistant", "content": text}}], "usage": usage}
+        flow.response = tutils.tresp(content=json.dumps(answer).encode())
+        verdicts.responseheaders(flow)
+        await verdicts.response(flow)
+        assert flow.response.headers["x-scout-cache"].startswith("hit; cached_tokens=380")
+    assert parsed_on == [True, False]  # the small one on the loop, the 2 MiB one in a thread
 
 
 async def test_a_chat_the_proxy_answered_itself_is_a_proxy_error_without_context_headers(
@@ -303,7 +332,7 @@ async def test_a_chat_the_proxy_answered_itself_is_a_proxy_error_without_context
     assert flow.response is not None and flow.response.status_code == 503
     verdicts = addon.get(CacheVerdicts)
     verdicts.responseheaders(flow)
-    verdicts.response(flow)
+    await verdicts.response(flow)
     assert "x-scout-snapshot-commit" not in flow.response.headers
     assert flow.metadata[METADATA_KEY]["outcome"] == "proxy_error"
     assert metric(addon, 'scout_chat_requests_total{outcome="proxy_error"}') == 1

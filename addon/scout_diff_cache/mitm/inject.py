@@ -80,7 +80,11 @@ class ContextInjection:
             body = replayed  # the client's part; the context is injected afresh below
         else:
             encoding = flow.request.headers.get("content-encoding")
-            body = decoded_body(flow.request.raw_content or b"", encoding, settings.max_body_bytes)
+            raw = flow.request.raw_content or b""
+            if encoding is None or encoding.strip().lower() in ("", "identity"):
+                body = decoded_body(raw, encoding, settings.max_body_bytes)
+            else:  # inflating may cost up to MAX_BODY_BYTES of work: in a thread, off the event loop
+                body = await asyncio.to_thread(decoded_body, raw, encoding, settings.max_body_bytes)
         content_type = flow.request.headers.get("content-type")
         if content_type is not None and not is_json_media_type(content_type):
             raise ApiError(

@@ -7,6 +7,7 @@ mitmweb comment and metadata, and ``/metrics``. Streamed answers are read as the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -20,6 +21,8 @@ from .deadline import TIMED_OUT_KEY
 from .state import METADATA_KEY, ChatRecord, ScoutState
 
 logger = logging.getLogger(__name__)
+
+PARSE_ON_LOOP_BYTES = 1 << 20
 
 
 class CacheVerdicts:
@@ -37,14 +40,14 @@ class CacheVerdicts:
                 record.tap = StreamUsageTap(remove_usage=record.usage_added)
                 flow.response.stream = record.tap
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         record = self.state.chats.pop(flow.id, None)
         if record is None:
             return
         if record.proxy_error is not None:
             self.finish(flow, record, "proxy_error", None)
         else:
-            self.answered(flow, record)
+            await self.answered(flow, record)
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.state.chats.pop(flow.id, None)
@@ -54,7 +57,7 @@ class CacheVerdicts:
         gone = "client disconnected" in message.lower() or flow.client_conn.timestamp_end is not None
         self.finish(flow, record, "client_gone" if gone else "upstream_error", None, failure=message)
 
-    def answered(self, flow: http.HTTPFlow, record: ChatRecord) -> None:
+    async def answered(self, flow: http.HTTPFlow, record: ChatRecord) -> None:
         response = flow.response
         assert response is not None
         if response.status_code >= 400:
@@ -67,8 +70,10 @@ class CacheVerdicts:
             if not ctx.options.store_streamed_bodies:
                 # What the client got, for mitmweb; raw_content keeps the headers as they were sent.
                 response.raw_content = bytes(record.tap.recorded)
-        else:
+        elif len(response.raw_content or b"") <= PARSE_ON_LOOP_BYTES:
             usage = usage_from_body(response.get_content(strict=False) or b"")
+        else:  # a large answer is decoded and parsed in a thread: other connections keep being served
+            usage = await asyncio.to_thread(lambda: usage_from_body(response.get_content(strict=False) or b""))
         verdict = classify(usage, self.snapshot_tokens(record, usage), record.history, record.snapshot)
         self.state.tracker.after_answer(record.base_url, usage, verdict)
         if record.tap is None:
