@@ -308,7 +308,8 @@ def test_compressed_request_body_is_decoded_and_injected(shared: Shared, content
 def test_a_body_that_does_not_decode_is_a_400(shared: Shared) -> None:
     result = shared.proxy.post(CHAT, b"not gzip at all", {"content-encoding": "gzip"})
 
-    assert_envelope(result.body, 400, result.status)
+    error = assert_envelope(result.body, 400, result.status)
+    assert "not valid gzip data" in error["message"], error  # not "the request body is empty"
     assert shared.upstream.recorded == []
 
 

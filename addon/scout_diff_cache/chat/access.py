@@ -1,9 +1,10 @@
-"""Access control: the client key check and the rule against listening openly without one."""
+"""Access control: the client key check, the rule against listening openly without one, header hygiene."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from collections.abc import Iterable
 
 LOCALHOST_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -75,3 +76,24 @@ def host_allowed(host_header: str, allowed_names: Iterable[str]) -> bool:
 def open_listen_hosts(hosts: Iterable[str]) -> list[str]:
     """The listen hosts that are reachable from other machines ("" means every interface)."""
     return sorted({host or "0.0.0.0 (all interfaces)" for host in hosts if not is_loopback(host)})
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_FOLD = re.compile(rb"\r?\n[ \t]")
+
+
+def malformed_header(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's header block is unsafe to pass on, or None.
+
+    A name must be an RFC 9110 token; a value must hold no control character but tab (no NUL, no
+    bare CR or LF, no folded line): parsers disagree on those, and a model server that splits a
+    value where the proxy did not would read headers the proxy never checked.
+    """
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name):
+            return f"the header name {name[:40].decode('latin-1')!r} is not a token"
+        if _FIELD_VALUE_CONTROL.search(value):
+            kind = "is folded over lines (obsolete)" if _FOLD.search(value) else "holds a control character"
+            return f"the value of the header {name.decode('latin-1')!r} {kind}"
+    return None

@@ -1,9 +1,9 @@
 """The proxy as a list of small mitmproxy addons sharing one state object; the list is the table of contents.
 
 Order matters where hooks of several addons meet: the settings first (every other addon reads
-them in its own ``configure``), the request hooks in the order a request needs them (Host and
-Origin, then auth, both judged on the headers before the body is read; the proxy's own endpoints,
-the rewrite, then forwarding), the verdict before body retention.
+them in its own ``configure``), the request hooks in the order a request needs them (header
+hygiene, Host and Origin, then auth, all judged on the headers before the body is read; the
+proxy's own endpoints, the rewrite, then forwarding), the verdict before body retention.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .endpoints import LocalEndpoints
 from .envelopes import ErrorEnvelopes
 from .forward import UpstreamForwarding
 from .gc import GcPacing
+from .hygiene import HeaderHygiene
 from .inject import ContextInjection
 from .listen import ListenGuard
 from .options import ScoutOptions
@@ -32,6 +33,7 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         ListenGuard(state),  # loopback by default, lazy connections, tcp_timeout
         ErrorEnvelopes(state),  # mitmproxy's own error answers as OpenAI envelopes
         ChatView(state),  # mitmweb's "Scout chat" content view
+        HeaderHygiene(state),  # requestheaders: control characters, folded lines, bad names (400)
         BrowserGuard(state),  # requestheaders: Host and Origin (DNS rebinding, web pages); CORS headers
         ClientAuth(state),  # requestheaders: PROXY_API_KEY (before the body is read)
         LocalEndpoints(state),  # request: /health, /metrics, /v1/models
