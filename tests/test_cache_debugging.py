@@ -249,7 +249,8 @@ def test_append_only_the_same_commit_keeps_the_snapshot_cached(
     before = ask(proxy)
     commit_and_wait(proxy, repo, {"m_middle.py": "MIDDLE = 2\n" * 50})
     result = ask(proxy)
-    assert result.headers["x-scout-cache-expected"] == "miss; new commit"
+    # Predicted right: the new commit only appends a block to the snapshot that is cached.
+    assert result.headers["x-scout-cache-expected"] == "hit; new commit appended to the cached snapshot"
     assert verdict_of(result) == "hit"  # all but the new history block, a few hundred bytes
     fields = header_fields(result)
     # Everything before the appended block is reused: the whole previous snapshot, less a token or two.

@@ -275,7 +275,7 @@ def test_append_layout_a_commit_editing_an_early_file_keeps_everything_before_th
     head = edit_early_file(repo)
     wait_for_head(proxy, head)
     after = ask(proxy, "What is EARLY_6 now?")
-    assert after.headers["x-scout-cache-expected"] == "miss; new commit"
+    assert after.headers["x-scout-cache-expected"] == "hit; new commit appended to the cached snapshot"
     assert after.headers["x-scout-snapshot-commit"] == head
     assert after.headers["x-scout-base-commit"] == base
     # The previous snapshot is a prefix of this one, up to its trimmed end: only <|eot|> differs.

@@ -297,6 +297,14 @@ def test_openai_and_vllm_with_prompt_tokens_details() -> None:
     )
 
 
+def test_vllm_cache_writes_are_read_beside_cache_reads() -> None:
+    details = {"cached_tokens": 3584, "created_cache_tokens": 48, "multimodal_tokens": None}
+    result = usage_from_chunk({"usage": {"prompt_tokens": 3650, "prompt_tokens_details": details}})
+    assert result == UpstreamUsage(prompt_tokens=3650, cached_tokens=3584, written_tokens=48)
+    cold = usage_from_chunk({"usage": {"prompt_tokens": 3650, "prompt_tokens_details": {"created_cache_tokens": 3648}}})
+    assert cold == UpstreamUsage(prompt_tokens=3650, written_tokens=3648)  # cached_tokens left out: 0 reused
+
+
 def test_vllm_without_details_reports_no_cached_count() -> None:
     result = usage_from_chunk({"usage": {"prompt_tokens": 5000, "completion_tokens": 2, "total_tokens": 5002}})
     assert result == UpstreamUsage(prompt_tokens=5000)

@@ -816,6 +816,19 @@ def test_append_layout_a_cache_that_reaches_the_new_history_block_is_a_hit() -> 
     assert (short.verdict, short.cause) == ("partial", "new commit")
 
 
+def test_the_expectation_after_an_appended_commit_is_a_hit_and_after_a_moved_base_a_miss() -> None:
+    old, new = appended_pair()
+    tracker = CacheTracker()
+    tracker.before_send(UP, old, None)
+    appended = tracker.before_send(UP, new, None)
+    assert appended.appended
+    assert appended.expectation() == "hit; new commit appended to the cached snapshot"
+    moved, _ = make_snapshot({"a.txt": "A\n" * 400, "b.txt": "b\n" * 400}, commit=COMMIT_B)
+    elsewhere = tracker.before_send(UP, moved, None)
+    assert not elsewhere.appended
+    assert elsewhere.expectation() == "miss; new commit"
+
+
 def test_a_moved_base_is_not_read_as_an_appended_block() -> None:
     old, _ = appended_pair()
     moved, _ = make_snapshot({"a.txt": "A\n" * 400, "b.txt": "b\n" * 400}, commit=COMMIT_B)

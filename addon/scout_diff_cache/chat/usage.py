@@ -3,7 +3,9 @@
 Formats read, streamed or not:
 - OpenAI style (vLLM with ``--enable-prompt-tokens-details``, SGLang with ``--enable-cache-report``,
   llama.cpp): ``usage.prompt_tokens`` and ``usage.prompt_tokens_details.cached_tokens``;
-- llama.cpp's ``timings``: ``cache_n`` (reused), ``prompt_n`` (evaluated), ``prompt_ms``.
+- llama.cpp's ``timings``: ``cache_n`` (reused), ``prompt_n`` (evaluated), ``prompt_ms``;
+- vLLM's ``prompt_tokens_details.created_cache_tokens``: tokens this request wrote to the cache
+  (cache writes, shown beside the cache reads as hosted APIs show them).
 
 A stream carries usage only when the request sets ``stream_options.include_usage``. The proxy may
 set it for the client; :class:`StreamUsageTap` then removes what only that option added before the
@@ -34,6 +36,7 @@ class UpstreamUsage:
     cached_tokens: int | None = None
     evaluated_tokens: int | None = None  # llama.cpp timings.prompt_n: tokens actually prefilled
     prompt_ms: float | None = None  # llama.cpp timings.prompt_ms: how long that prefill took
+    written_tokens: int | None = None  # vLLM created_cache_tokens: tokens this request wrote to the cache
 
     @property
     def reports_cache(self) -> bool:
@@ -59,16 +62,17 @@ def usage_from_chunk(data: object) -> UpstreamUsage | None:
     if not usage and not timings:
         return None
     details = usage.get("prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else None
+    details = details if isinstance(details, Mapping) else {}
+    cached, written = _count(details.get("cached_tokens")), _count(details.get("created_cache_tokens"))
     cache_n, prompt_n = _count(timings.get("cache_n")), _count(timings.get("prompt_n"))
     if cached is None:
         cached = cache_n
     prompt_tokens = _count(usage.get("prompt_tokens"))
     if prompt_tokens is None and cache_n is not None and prompt_n is not None:
         prompt_tokens = cache_n + prompt_n
-    if prompt_tokens is None and cached is None and prompt_n is None:
+    if prompt_tokens is None and cached is None and prompt_n is None and written is None:
         return None
-    return UpstreamUsage(prompt_tokens, cached, prompt_n, _number(timings.get("prompt_ms")))
+    return UpstreamUsage(prompt_tokens, cached, prompt_n, _number(timings.get("prompt_ms")), written)
 
 
 def usage_from_body(body: bytes) -> UpstreamUsage | None:
@@ -88,6 +92,7 @@ def _merge(earlier: UpstreamUsage | None, later: UpstreamUsage) -> UpstreamUsage
         later.cached_tokens if later.cached_tokens is not None else earlier.cached_tokens,
         later.evaluated_tokens if later.evaluated_tokens is not None else earlier.evaluated_tokens,
         later.prompt_ms if later.prompt_ms is not None else earlier.prompt_ms,
+        later.written_tokens if later.written_tokens is not None else earlier.written_tokens,
     )
 
 

@@ -77,7 +77,7 @@ class CacheVerdicts:
         verdict = classify(usage, self.snapshot_tokens(record, usage), record.history, record.snapshot)
         self.state.tracker.after_answer(record.base_url, usage, verdict)
         if record.tap is None:
-            response.headers["x-scout-cache"] = verdict_header(verdict)
+            response.headers["x-scout-cache"] = verdict_header(verdict, usage)
         self.finish(flow, record, verdict.verdict, verdict, usage=usage)
         self.count_tokens(record, usage)
 
@@ -141,7 +141,10 @@ class CacheVerdicts:
 
 
 def token_figures(verdict: CacheVerdict | None, usage: UpstreamUsage | None) -> str:
-    """' · prompt N tok · snapshot M tok (exact) · prefill K tok in T ms', each part where known."""
+    """' · prompt N tok · snapshot M tok (exact) · prefill K tok in T ms · cache read R · written W tok'.
+
+    Each part where the upstream reported it.
+    """
     parts = []
     if verdict is not None and verdict.prompt_tokens is not None:
         parts.append(f"prompt {verdict.prompt_tokens} tok")
@@ -150,6 +153,9 @@ def token_figures(verdict: CacheVerdict | None, usage: UpstreamUsage | None) -> 
         parts.append(f"snapshot {verdict.snapshot_tokens.count} tok ({kind})")
     if usage is not None and usage.evaluated_tokens is not None and usage.prompt_ms is not None:
         parts.append(f"prefill {usage.evaluated_tokens} tok in {usage.prompt_ms:.0f} ms")
+    if usage is not None and usage.written_tokens is not None:
+        read = f"read {usage.cached_tokens} · " if usage.cached_tokens is not None else ""
+        parts.append(f"cache {read}written {usage.written_tokens} tok")
     return "".join(f" · {part}" for part in parts)
 
 
@@ -161,13 +167,14 @@ def add_context_headers(headers: http.Headers, record: ChatRecord) -> None:
     headers["x-scout-cache-expected"] = record.history.expectation()
 
 
-def verdict_header(verdict: CacheVerdict) -> str:
+def verdict_header(verdict: CacheVerdict, usage: UpstreamUsage | None = None) -> str:
     """'hit; cached_tokens=..; prompt_tokens=..; snapshot_tokens=..; snapshot_tokens_exact=..; cause=".."'."""
     parts: list[str] = [verdict.verdict]
     for name, value in (
         ("cached_tokens", verdict.cached_tokens),
         ("prompt_tokens", verdict.prompt_tokens),
         ("snapshot_tokens", verdict.snapshot_tokens.count if verdict.snapshot_tokens else None),
+        ("cache_written_tokens", usage.written_tokens if usage is not None else None),
     ):
         if value is not None:
             parts.append(f"{name}={value}")

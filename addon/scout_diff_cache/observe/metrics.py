@@ -55,6 +55,11 @@ class ProxyMetrics:
         self.cached_tokens = Counter(
             "scout_upstream_cached_tokens", "Prompt tokens the upstream reported as served from its cache.", registry=r
         )
+        self.written_tokens = Counter(
+            "scout_upstream_cache_written_tokens",
+            "Prompt tokens the upstream reported as written to its cache (vLLM created_cache_tokens).",
+            registry=r,
+        )
         self.diff_bytes = Histogram(
             "scout_diff_bytes", "Working diff size per chat request.", buckets=DIFF_BYTES_BUCKETS, registry=r
         )
@@ -90,6 +95,8 @@ class ProxyMetrics:
             self.prompt_tokens.inc(usage.prompt_tokens)
         if usage is not None and usage.cached_tokens is not None:
             self.cached_tokens.inc(usage.cached_tokens)
+        if usage is not None and usage.written_tokens is not None:
+            self.written_tokens.inc(usage.written_tokens)
 
     def error(self, status: int, source: str) -> None:
         self.errors.labels(str(status), source).inc()

@@ -36,8 +36,20 @@ ESTIMATE_TOLERANCE_SHARE = 0.03
 # Below this many cached tokens nothing but the template's first tokens was reused.
 MISS_BELOW_TOKENS = 64
 RECENT_WINDOW = 100
+# A snapshot "extends" the previous one when they share all of it but its closing framing.
+APPEND_CLOSING_BYTES = 256
 
 ENGINE_HINT = "vLLM needs --enable-prompt-tokens-details, SGLang --enable-cache-report; TGI reports no cached tokens"
+
+
+def appends_to(snapshot: Snapshot, previous: Snapshot, shared_bytes: int) -> bool:
+    """Whether ``snapshot`` is ``previous`` with history blocks appended (they share ``shared_bytes``).
+
+    Both conditions: the two part inside the history (after the same base), and all of the
+    previous snapshot but its closing framing is shared.
+    """
+    in_history = snapshot.history_start is not None and shared_bytes >= snapshot.history_start
+    return in_history and shared_bytes >= len(previous.message_json) - APPEND_CLOSING_BYTES
 
 
 @dataclass(frozen=True)
@@ -58,12 +70,15 @@ class SendHistory:
     changed_at: str | None  # the first file where they differ
     tools_changed: bool  # tools differ from the previous request with this snapshot
     reports_cache: bool  # this upstream has reported cached tokens before
+    appended: bool = False  # this snapshot is the previous one with blocks appended (append layout)
 
     def expectation(self) -> str:
         """What the proxy expects before the answer: 'hit', or 'miss; <why>' (for a response header)."""
         if self.first_request:
             return "miss; first request to this upstream"
         if not self.snapshot_seen:
+            if self.appended:  # everything before the new blocks is cached; only they are prefilled
+                return "hit; new commit appended to the cached snapshot"
             return "miss; new commit" if self.snapshot_changed else "miss; new snapshot"
         if self.tools_changed:
             return "miss; tools changed"
@@ -259,6 +274,7 @@ class CacheTracker:
             changed_at=changed_at,
             tools_changed=seen and state.sent[identity] != tools,
             reports_cache=state.reports_cache,
+            appended=last is not None and reusable is not None and appends_to(snapshot, last, reusable),
         )
         state.last = snapshot
         state.sent[identity] = tools
