@@ -61,6 +61,18 @@ def proxy_in_front(start_proxy: StartProxy) -> Callable[..., Proxy]:
     return start
 
 
+def test_the_window_is_read_from_llama_server_and_shown_in_health(
+    llama: LlamaServer, proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    proxy = proxy_in_front(llama.url, make_repo({"a.py": "x = 1\n"}))
+    deadline = time.monotonic() + 20
+    while proxy.get("/health").json()["window"]["tokens"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    window = proxy.get("/health").json()["window"]
+    assert window == {"tokens": 32768, "source": "upstream GET /props n_ctx (one slot)"}  # --ctx-size 32768, 1 slot
+    assert "upstream context window: 32768 tokens" in proxy.log()
+
+
 # --- asking through the proxy ----------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ model server a connection per request: concurrent requests share one probe, and 
 trusted for ``PROBE_FRESH_SECONDS`` (a failure never is: recovery is seen at once). An upstream
 that goes away inside that window is still answered: a refused connect by mitmproxy (503), a
 silent one by UPSTREAM_TIMEOUT_MS (504). ``post_json`` is the blocking client used for
-token counts and prewarm requests (run in threads).
+token counts and prewarm requests, ``get_json`` the one for the model list and server properties
+(run in threads).
 """
 
 from __future__ import annotations
@@ -77,10 +78,19 @@ def post_json(url: str, body: bytes, authorization: str | None, timeout: float |
 
     An HTTP error status raises urllib.error.HTTPError, a network failure OSError.
     """
-    headers = {"content-type": "application/json"}
+    return _fetch(url, body, authorization, timeout, verify_tls)
+
+
+def get_json(url: str, authorization: str | None, timeout: float | None, verify_tls: bool) -> bytes:
+    """Blocking: GET from the upstream (its model list, its properties); errors as for ``post_json``."""
+    return _fetch(url, None, authorization, timeout, verify_tls)
+
+
+def _fetch(url: str, body: bytes | None, authorization: str | None, timeout: float | None, verify_tls: bool) -> bytes:
+    headers = {"content-type": "application/json"} if body is not None else {}
     if authorization:
         headers["authorization"] = authorization
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
     context = None if verify_tls else ssl._create_unverified_context()
     with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         answer: bytes = response.read()

@@ -23,6 +23,7 @@ from .prewarm import Prewarm
 from .retention import BodyRetention
 from .state import ScoutState
 from .verdicts import CacheVerdicts
+from .window import WindowLearner
 
 
 def make_addons(state: ScoutState | None = None) -> list[object]:
@@ -42,5 +43,6 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         CacheVerdicts(state),  # response: usage, verdict, headers, log line, metrics
         BodyRetention(state),  # response: trim old flows' snapshots in mitmweb
         Prewarm(state),  # running: prefill a new base upstream
+        WindowLearner(state),  # running, response: the upstream's context window, for /health
         GcPacing(state),  # response: full collections paced by spliced bytes
     ]

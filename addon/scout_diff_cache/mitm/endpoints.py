@@ -45,6 +45,7 @@ class LocalEndpoints:
             "inject_context": settings.inject_context,
             "model": settings.model_id,
             "watching_changes": provider.monitor.watching,
+            "window": self.state.window.as_dict(),
         }
         try:
             context = await provider.current()

@@ -15,6 +15,7 @@ from ..context.snapshot import Snapshot
 from ..observe.metrics import ProxyMetrics
 from ..observe.tokencount import TokenCounter
 from ..observe.verdict import CacheTracker, SendHistory
+from ..observe.window import UNKNOWN, ContextWindow
 from ..settings import Settings
 from ..view.snapshot import SnapshotIndex
 
@@ -50,6 +51,7 @@ class ScoutState:
     chats: dict[str, ChatRecord] = field(default_factory=dict)
     last_model: str | None = None  # the model clients last asked for, for prewarm requests
     spliced_bytes: int = 0  # request bytes built since the last full garbage collection
+    window: ContextWindow = UNKNOWN  # the upstream's context window, as it reports it
 
     def configured(self) -> tuple[Settings, ContextProvider]:
         """Settings and provider; a 503 until configure succeeded (only between a bad setting and exit)."""
