@@ -317,6 +317,11 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self.rfile.readline()
 
     def do_GET(self) -> None:
+        if self.headers.get("user-agent", "").startswith("scout-diff-cache/"):
+            # The proxy asking on its own behalf (the context window): kept apart from forwarded requests.
+            self.server.own_requests.append(self.path)
+            self._send_json(200, {"object": "list", "data": []})
+            return
         self._record()
         self._send_json(200, {"upstream": True, "path": self.path})
 
@@ -447,6 +452,7 @@ class _UpstreamServer(ThreadingHTTPServer):
         self.recorded: list[Recorded] = []
         self.behaviour = UpstreamBehaviour()
         self.accepted = 0  # TCP connections accepted, the proxy's reachability probes included
+        self.own_requests: list[str] = []  # paths the proxy asked for itself (GET, its own user agent)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         accepted = super().get_request()

@@ -19,7 +19,11 @@ import os
 import ssl
 import urllib.request
 
+from .. import __version__
 from .errors import ApiError
+
+# The proxy's own requests to the upstream (token counts, prewarm, the window) say who sends them.
+USER_AGENT = f"scout-diff-cache/{__version__}"
 
 PROBE_FRESH_SECONDS = 1.0
 
@@ -87,7 +91,9 @@ def get_json(url: str, authorization: str | None, timeout: float | None, verify_
 
 
 def _fetch(url: str, body: bytes | None, authorization: str | None, timeout: float | None, verify_tls: bool) -> bytes:
-    headers = {"content-type": "application/json"} if body is not None else {}
+    headers = {"user-agent": USER_AGENT}
+    if body is not None:
+        headers["content-type"] = "application/json"
     if authorization:
         headers["authorization"] = authorization
     request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
