@@ -1,0 +1,85 @@
+"""Asking a real model server through the proxy with the real ``openai`` client, and reading what came back.
+
+Shared by the llama.cpp and vLLM tiers: the answer's headers (the proxy's verdict), its usage, and
+waits on the proxy's log and its view of HEAD.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from support import Proxy
+
+
+@dataclass
+class Answer:
+    headers: dict[str, str]
+    body: dict[str, Any]
+    wall_seconds: float
+
+    @property
+    def cached_tokens(self) -> int:
+        return int(self.body["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    @property
+    def written_tokens(self) -> int | None:
+        """vLLM's created_cache_tokens: the tokens this request wrote to the cache."""
+        value = self.body["usage"]["prompt_tokens_details"].get("created_cache_tokens")
+        return None if value is None else int(value)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.body["usage"]["prompt_tokens"])
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        return dict(self.body["timings"])
+
+    @property
+    def verdict(self) -> str:
+        return self.headers["x-scout-cache"].split(";")[0]
+
+    @property
+    def cache_fields(self) -> dict[str, str]:
+        fields = dict(re.findall(r'(\w+)=("[^"]*"|[^;]+)', self.headers["x-scout-cache"]))
+        return {key: value.strip('"') for key, value in fields.items()}
+
+
+def client_for(proxy: Proxy) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+def ask(proxy: Proxy, question: str) -> Answer:
+    """One question, two tokens of answer; the model name is the client's (UPSTREAM_MODEL may replace it)."""
+    started = time.perf_counter()
+    raw = client_for(proxy).chat.completions.with_raw_response.create(
+        model="llama-4-scout", messages=[{"role": "user", "content": question}], max_tokens=2, temperature=0
+    )
+    wall = time.perf_counter() - started
+    completion = raw.parse()  # the openai package accepts the answer
+    assert completion.choices[0].finish_reason in ("length", "stop")
+    return Answer({k.lower(): v for k, v in raw.headers.items()}, raw.http_response.json(), wall)
+
+
+def wait_for_log(proxy: Proxy, pattern: str, timeout: float = 60, count: int = 1) -> re.Match[str]:
+    """The ``count``-th match of the regex ``pattern`` in the proxy's log, once it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        matches = list(re.finditer(pattern, proxy.log()))
+        if len(matches) >= count:
+            return matches[count - 1]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} (x{count}) not in the proxy log:\n{proxy.log()[-5000:]}")
+        time.sleep(0.05)
+
+
+def wait_for_head(proxy: Proxy, head: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while proxy.get("/health").json().get("head") != head:
+        assert time.monotonic() < deadline, f"the proxy never saw HEAD {head}"
+        time.sleep(0.05)

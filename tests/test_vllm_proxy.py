@@ -1,0 +1,123 @@
+"""End to end on a REAL vLLM on CPU serving the Llama 4 architecture (``Llama4ForCausalLM``), through mitmdump.
+
+The model (tests/vllm_server.py) is tiny and random, but it is Scout's shape: chunked local attention
+in three of four layers, a global NoPE layer, mixture-of-experts layers; vLLM keeps one KV cache group
+per attention type (its hybrid KV cache manager) and caches whole blocks (64-token steps for this
+model). Every figure comes from vLLM itself (``usage.prompt_tokens_details``: ``cached_tokens``,
+``created_cache_tokens``; its ``/tokenize``; its ``/v1/models``). One server per module; each test's
+repository starts with a file naming the test, so no test finds its snapshot cached by another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from engine_client import Answer, ask, wait_for_head, wait_for_log
+from llama_server import EARLY_FILE, edit_early_file, repo_files
+from support import Proxy, Repo
+from vllm_server import CACHE_GRAIN_TOKENS, MAX_MODEL_LEN, SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
+
+StartProxy = Callable[..., Proxy]
+EXACT_COUNT = r"snapshot \w+ is \d+ tokens \(upstream /tokenize\)"
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    model = write_tiny_llama4(tmp_path_factory.mktemp("vllm-model"))
+    with run_vllm_server(model, tmp_path_factory.mktemp("vllm-log")) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def vllm_log_on_failure(vllm: VllmServer) -> Iterator[None]:
+    start = len(vllm.log())
+    yield
+    print(f"--- vLLM log during this test ({vllm.log_path}) ---\n{vllm.log()[start:][-6000:]}")
+    assert vllm.process.poll() is None, "vLLM exited"
+
+
+@pytest.fixture
+def proxy_in_front(start_proxy: StartProxy, vllm: VllmServer) -> Callable[..., Proxy]:
+    def start(repo: Repo, **env: str) -> Proxy:
+        # vLLM answers only the name it serves: the proxy sends that whatever the client asked for.
+        return start_proxy(vllm.url, {"GIT_REPO_PATH": str(repo.path), "UPSTREAM_MODEL": SERVED_MODEL, **env})
+
+    return start
+
+
+def snapshot_tokens(answer: Answer) -> int:
+    assert answer.cache_fields["snapshot_tokens_exact"] == "true", answer.headers["x-scout-cache"]
+    return int(answer.cache_fields["snapshot_tokens"])
+
+
+def test_second_question_reuses_the_whole_snapshot_and_the_window_is_vllms(
+    proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    proxy = proxy_in_front(make_repo(repo_files("the vLLM second-question test")))
+    first = ask(proxy, "What is EARLY_6?")
+    assert first.cached_tokens < 64 and first.written_tokens is not None
+    assert first.written_tokens >= first.prompt_tokens - CACHE_GRAIN_TOKENS  # cold: all whole blocks written
+    wait_for_log(proxy, EXACT_COUNT)
+    second = ask(proxy, "What is EARLY_7?")
+    snapshot = snapshot_tokens(second)
+    assert second.verdict == "hit", second.headers["x-scout-cache"]
+    assert second.headers["x-scout-cache-expected"] == "hit"
+    # In whole steps of the cache: everything up to the question, the snapshot and the diff included.
+    assert second.cached_tokens >= snapshot - CACHE_GRAIN_TOKENS, (second.cached_tokens, snapshot)
+    assert second.written_tokens is not None and second.written_tokens < 4 * CACHE_GRAIN_TOKENS  # only the new question
+    assert second.cache_fields["cache_written_tokens"] == str(second.written_tokens)
+    line = wait_for_log(proxy, r"chat 200 in .*cached [\d.]+% \(hit\)").group(0)
+    assert f"cache read {second.cached_tokens} · written {second.written_tokens} tok" in line
+    window = proxy.get("/health").json()["window"]
+    assert window == {"tokens": MAX_MODEL_LEN, "source": "upstream GET /v1/models max_model_len"}
+
+
+def test_append_layout_a_commit_only_appends_and_per_commit_loses_the_snapshot(
+    proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    """The contrast the append layout exists for, on Scout's attention layout: one edit of an early file."""
+    results: dict[str, tuple[Answer, int]] = {}
+    for layout in ("append", "per-commit"):
+        repo = make_repo(repo_files(f"the vLLM {layout}-layout test"))
+        proxy = proxy_in_front(repo, LAYOUT=layout)
+        ask(proxy, "What is EARLY_6?")
+        wait_for_log(proxy, EXACT_COUNT)
+        before = ask(proxy, "What is EARLY_7?")
+        previous = snapshot_tokens(before)
+        head = edit_early_file(repo)
+        wait_for_head(proxy, head)
+        results[layout] = (ask(proxy, "What is EARLY_6 now?"), previous)
+    after, previous = results["append"]
+    assert after.headers["x-scout-cache-expected"] == "hit; new commit appended to the cached snapshot"
+    assert after.cached_tokens >= previous - CACHE_GRAIN_TOKENS, (after.cached_tokens, previous)
+    assert after.written_tokens is not None and after.written_tokens < 0.15 * previous  # the new block, diff, question
+    assert after.verdict == "hit", after.headers["x-scout-cache"]
+    after, previous = results["per-commit"]
+    assert after.headers["x-scout-cache-expected"] == "miss; new commit"
+    assert after.cached_tokens < 0.2 * previous, (after.cached_tokens, previous)  # lost from the early file on
+    assert after.written_tokens is not None and after.written_tokens > 0.8 * previous
+    assert after.verdict == "partial", after.headers["x-scout-cache"]
+    reused = results["append"][0].cached_tokens
+    print(f"vLLM, {EARLY_FILE} edited: append reused {reused} tokens, per-commit {after.cached_tokens}")
+
+
+def test_a_working_tree_edit_costs_only_the_diff_and_the_question(
+    proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    repo = make_repo(repo_files("the vLLM working-tree test"))
+    proxy = proxy_in_front(repo)
+    ask(proxy, "What is EARLY_6?")
+    wait_for_log(proxy, EXACT_COUNT)
+    before = ask(proxy, "What is EARLY_7?")
+    snapshot = snapshot_tokens(before)
+    repo.write({EARLY_FILE: "EARLY_6 = 67\n"})  # not committed: the working diff carries it
+    deadline = time.monotonic() + 10
+    while proxy.get("/health").json()["diff"]["files"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = ask(proxy, "What is EARLY_6 now?")
+    assert after.verdict == "hit", after.headers["x-scout-cache"]
+    assert after.cached_tokens >= snapshot - CACHE_GRAIN_TOKENS, (after.cached_tokens, snapshot)
+    assert after.written_tokens is not None and after.written_tokens < 0.1 * snapshot
