@@ -10,7 +10,9 @@ repository starts with a file naming the test, so no test finds its snapshot cac
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -121,3 +123,39 @@ def test_a_working_tree_edit_costs_only_the_diff_and_the_question(
     assert after.verdict == "hit", after.headers["x-scout-cache"]
     assert after.cached_tokens >= snapshot - CACHE_GRAIN_TOKENS, (after.cached_tokens, snapshot)
     assert after.written_tokens is not None and after.written_tokens < 0.1 * snapshot
+
+
+def vllm_metric(vllm: VllmServer, name: str) -> float:
+    """A counter of vLLM's /metrics, summed over its label sets."""
+    with urllib.request.urlopen(vllm.url + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values = re.findall(rf"^vllm:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert values, f"no vllm:{name} in /metrics"
+    return sum(float(value) for value in values)
+
+
+def test_prewarm_prefills_a_new_base_before_the_question_and_without_it_the_question_pays(
+    vllm: VllmServer, proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    """LAYOUT=per-commit makes every commit a new base: the first question after it, with and without PREWARM."""
+    firsts: dict[str, Answer] = {}
+    for prewarm in ("true", "false"):
+        repo = make_repo(repo_files(f"the vLLM prewarm={prewarm} test"))
+        proxy = proxy_in_front(repo, LAYOUT="per-commit", PREWARM=prewarm)
+        ask(proxy, "What is EARLY_6?")
+        wait_for_log(proxy, EXACT_COUNT)
+        hits_before = vllm_metric(vllm, "prefix_cache_hits_total")
+        head = edit_early_file(repo)
+        if prewarm == "true":
+            wait_for_log(proxy, rf"prewarm: base {head[:7]} prefilled in [\d.]+ s")
+        else:
+            wait_for_head(proxy, head)
+        firsts[prewarm] = ask(proxy, "What is EARLY_6 now?")
+        assert vllm_metric(vllm, "prefix_cache_hits_total") > hits_before
+    warm, cold = firsts["true"], firsts["false"]
+    assert warm.headers["x-scout-cache-expected"] == "hit"  # the prewarm told the tracker
+    assert warm.verdict == "hit", warm.headers["x-scout-cache"]
+    assert warm.written_tokens is not None and warm.written_tokens < 4 * CACHE_GRAIN_TOKENS
+    assert cold.verdict == "partial", cold.headers["x-scout-cache"]
+    assert cold.written_tokens is not None and cold.written_tokens > 0.8 * cold.prompt_tokens
+    print(f"vLLM prewarm: the first question after a new base wrote {warm.written_tokens} vs {cold.written_tokens}")
