@@ -37,6 +37,11 @@ N_EMBD = 256
 N_HEAD = 4
 N_FF = 512
 N_CTX_TRAIN = 131072
+LLAMA4_LAYERS = 4  # llama.cpp's Llama 4 pattern: three chunked-attention layers, then a global one
+LLAMA4_EXPERTS = 2
+LLAMA4_FF_EXPERT = 256
+LLAMA4_MOE_STEP = 2  # every second layer is a mixture of experts
+LLAMA4_CHUNK_TOKENS = 8192  # llama.cpp fixes Llama 4's attention chunk at 8192 (src/models/llama4.cpp)
 SEED = 20260101
 
 # The Llama 4 control tokens, in this order at ids 0..len-1. Text uses the 256 byte tokens (<0x00>..<0xFF>)
@@ -150,8 +155,14 @@ def _token_list() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_tiny_gguf(path: Path, *, chat_template: str = LLAMA4_CHAT_TEMPLATE) -> Path:
-    """Write the tiny random-weight Llama model (F32, fixed seed: the same bytes every time) to ``path``."""
+def write_tiny_gguf(path: Path, *, chat_template: str = LLAMA4_CHAT_TEMPLATE, architecture: str = "llama") -> Path:
+    """Write the tiny random-weight model (F32, fixed seed: the same bytes every time) to ``path``.
+
+    ``architecture="llama"``: 2 plain Llama layers. ``"llama4"``: Scout's architecture in small, as
+    llama.cpp loads it (src/models/llama4.cpp): 4 layers, three with chunked local attention (the
+    chunk is llama.cpp's fixed 8192 tokens) and every fourth global without RoPE, run on its iSWA
+    cache; every second layer a mixture of experts (2 experts, 1 used, plus the shared expert).
+    """
     import gguf  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
@@ -163,11 +174,18 @@ def write_tiny_gguf(path: Path, *, chat_template: str = LLAMA4_CHAT_TEMPLATE) ->
 
     tokens, types = _token_list()
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("scout-diff-cache tiny random llama")
+    llama4 = architecture == "llama4"
+    n_layers = LLAMA4_LAYERS if llama4 else N_LAYERS
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"scout-diff-cache tiny random {architecture}")
     writer.add_context_length(N_CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYERS)
+    writer.add_block_count(n_layers)
+    if llama4:
+        writer.add_expert_count(LLAMA4_EXPERTS)
+        writer.add_expert_used_count(1)
+        writer.add_expert_feed_forward_length(LLAMA4_FF_EXPERT)
+        writer.add_interleave_moe_layer_step(LLAMA4_MOE_STEP)
     writer.add_feed_forward_length(N_FF)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD)
@@ -193,7 +211,7 @@ def write_tiny_gguf(path: Path, *, chat_template: str = LLAMA4_CHAT_TEMPLATE) ->
     writer.add_chat_template(chat_template)
 
     writer.add_tensor("token_embd.weight", weight(VOCAB_SIZE, N_EMBD))
-    for layer in range(N_LAYERS):
+    for layer in range(n_layers):
         prefix = f"blk.{layer}"
         writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         writer.add_tensor(f"{prefix}.attn_q.weight", weight(N_EMBD, N_EMBD))
@@ -201,9 +219,19 @@ def write_tiny_gguf(path: Path, *, chat_template: str = LLAMA4_CHAT_TEMPLATE) ->
         writer.add_tensor(f"{prefix}.attn_v.weight", weight(N_EMBD, N_EMBD))
         writer.add_tensor(f"{prefix}.attn_output.weight", weight(N_EMBD, N_EMBD))
         writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"{prefix}.ffn_gate.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"{prefix}.ffn_up.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"{prefix}.ffn_down.weight", weight(N_EMBD, N_FF))
+        if llama4 and (layer + 1) % LLAMA4_MOE_STEP == 0:  # a mixture-of-experts layer
+            experts, ff = LLAMA4_EXPERTS, LLAMA4_FF_EXPERT
+            writer.add_tensor(f"{prefix}.ffn_gate_inp.weight", weight(experts, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_gate_exps.weight", weight(experts, ff, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_up_exps.weight", weight(experts, ff, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_down_exps.weight", weight(experts, N_EMBD, ff))
+            writer.add_tensor(f"{prefix}.ffn_gate_shexp.weight", weight(ff, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_up_shexp.weight", weight(ff, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_down_shexp.weight", weight(N_EMBD, ff))
+        else:
+            writer.add_tensor(f"{prefix}.ffn_gate.weight", weight(N_FF, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_up.weight", weight(N_FF, N_EMBD))
+            writer.add_tensor(f"{prefix}.ffn_down.weight", weight(N_EMBD, N_FF))
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
     writer.add_tensor("output.weight", weight(VOCAB_SIZE, N_EMBD))
 
