@@ -10,20 +10,27 @@ repository starts with a file naming the test, so no test finds its snapshot cac
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from engine_client import Answer, ask, wait_for_head, wait_for_log
 from llama_server import EARLY_FILE, edit_early_file, repo_files
-from support import Proxy, Repo
+from support import SETTING_ENV_NAMES, Proxy, Repo
 from vllm_server import CACHE_GRAIN_TOKENS, MAX_MODEL_LEN, SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
 
 StartProxy = Callable[..., Proxy]
 EXACT_COUNT = r"snapshot \w+ is \d+ tokens \(upstream /tokenize\)"
+# The generation prompt a chat request adds after the messages: <|header_start|>assistant<|header_end|>\n\n.
+ASSISTANT_HEADER_TOKENS = 1 + len("assistant") + 1 + 2
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +82,39 @@ def test_second_question_reuses_the_whole_snapshot_and_the_window_is_vllms(
     assert f"cache read {second.cached_tokens} · written {second.written_tokens} tok" in line
     window = proxy.get("/health").json()["window"]
     assert window == {"tokens": MAX_MODEL_LEN, "source": "upstream GET /v1/models max_model_len"}
+
+
+def test_the_exact_snapshot_count_is_what_vllm_reports_as_prompt_tokens_for_the_snapshot(
+    vllm: VllmServer, proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo], tmp_path: Path
+) -> None:
+    """The count the proxy gets from /tokenize equals vLLM's own prompt_tokens for message 1 alone."""
+    repo = make_repo(repo_files("the vLLM exact-count test"))
+    proxy = proxy_in_front(repo)
+    ask(proxy, "What is EARLY_6?")
+    counted = int(wait_for_log(proxy, r"snapshot \w+ is (\d+) tokens \(upstream /tokenize\)").group(1))
+    snapshot_file, empty_config = tmp_path / "snapshot.txt", tmp_path / "empty-config.yaml"
+    empty_config.write_text("{}\n")  # the built-in defaults, as the proxy under test has them
+    command = [sys.executable, "-m", "scout_diff_cache", "preview", "--repo", str(repo.path)]
+    preview = subprocess.run(
+        [*command, "--config", str(empty_config), "--write-snapshot", str(snapshot_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={name: value for name, value in os.environ.items() if name not in SETTING_ENV_NAMES},
+    )
+    assert "wrote" in preview.stdout
+    body = {
+        "model": SERVED_MODEL,
+        "messages": [{"role": "system", "content": snapshot_file.read_text()}],
+        "max_tokens": 1,
+    }
+    request = urllib.request.Request(
+        vllm.url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        prompt_tokens = json.loads(answer.read())["usage"]["prompt_tokens"]
+    assert counted == prompt_tokens - ASSISTANT_HEADER_TOKENS, (counted, prompt_tokens)
 
 
 def test_append_layout_a_commit_only_appends_and_per_commit_loses_the_snapshot(
