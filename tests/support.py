@@ -655,6 +655,22 @@ class Answer:
     body: bytes
 
 
+def read_until_closed(sock: socket.socket, seconds: float) -> bytes:
+    """What the peer sends until it closes (or resets) the connection, read for at most ``seconds``."""
+    sock.settimeout(seconds)
+    received = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        received += data
+    return received
+
+
 def raw_request(proxy: Proxy, method: str, path: str, body: str | None, headers: Mapping[str, str]) -> Answer:
     """One request with exactly these headers (http.client adds only Host, unless given, and Content-Length)."""
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Proxy, Repo, Upstream, generated_files
+from support import Proxy, Repo, Upstream, generated_files, read_until_closed
 
 CHAT = "/v1/chat/completions"
 LIMIT = 1 << 20  # MAX_BODY_BYTES in these tests
@@ -99,34 +99,18 @@ def keyed_proxy(make_repo: Callable[..., Repo], upstream: Upstream, start_proxy:
     return proxy
 
 
-def read_answer(sock: socket.socket, seconds: float) -> bytes:
-    """What the proxy sends until it closes, read for at most ``seconds``."""
-    sock.settimeout(seconds)
-    received = b""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not data:
-            break
-        received += data
-    return received
-
-
 def test_a_client_without_the_key_is_refused_before_it_sends_its_body(keyed_proxy: Proxy, upstream: Upstream) -> None:
     """The 401 comes after the headers alone: the proxy does not wait for (or read) a 256 MiB body."""
     with socket.create_connection(("127.0.0.1", keyed_proxy.port), timeout=10) as sock:
         head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         sock.sendall(f"{head}content-length: {256 * MIB}\r\n\r\n".encode() + b"{" * 1000)
-        answer = read_answer(sock, 5)
+        answer = read_until_closed(sock, 5)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert b'"code": "invalid_api_key"' in answer and b"connection: close" in answer.lower()
     with socket.create_connection(("127.0.0.1", keyed_proxy.port), timeout=10) as sock:
         sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n".encode())
         sock.sendall(f"content-length: {MIB}\r\n\r\n".encode())  # waits for 100 Continue, which never comes
-        assert read_answer(sock, 5).startswith(b"HTTP/1.1 401 ")
+        assert read_until_closed(sock, 5).startswith(b"HTTP/1.1 401 ")
     assert upstream.recorded == []
     assert keyed_proxy.log().count(f"refused POST {CHAT} before its body: 401") == 2
 

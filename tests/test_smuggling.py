@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 from collections.abc import Callable
 
 import pytest
 
-from support import Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream, read_until_closed
 
 CHAT = "/v1/chat/completions"
 KEY = "sk-the-key"
@@ -32,17 +31,7 @@ def exchange(proxy: Proxy, raw: bytes, seconds: float = 3.0) -> bytes:
     """Send ``raw`` on one connection; everything the proxy sends back until it closes or goes quiet."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=seconds) as sock:
         sock.sendall(raw)
-        received = b""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not data:
-                break
-            received += data
-        return received
+        return read_until_closed(sock, seconds)
 
 
 def statuses(answer: bytes) -> list[int]:
