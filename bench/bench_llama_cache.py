@@ -1,7 +1,8 @@
 """Prefix-cache payoff on a REAL model server: llama.cpp's llama-server behind mitmdump running the addon.
 
-Starts llama-server on CPU with the tiny random-weight Llama 4 model of tests/llama_server.py (one
-token per byte, one slot, token-exact prefix reuse; the binary is built once by .ci/llama-server)
+Starts llama-server on CPU with the tiny random-weight model of tests/llama_server.py, by default of
+Scout's ``llama4`` architecture (``--architecture llama`` for the plain one; one token per byte, one
+slot, token-exact prefix reuse; the binary is built once by .ci/llama-server)
 and generates small repositories (default about 30 KB of snapshot, so about 30k tokens: a cold
 prefill of seconds on 2 cores), each starting with its own marker file so no scenario finds
 another's snapshot cached. Every figure comes from llama-server's answers (``timings.prompt_ms``,
@@ -21,6 +22,7 @@ Machines differ: compare ratios, not milliseconds. Every process it starts (llam
 is stopped before it returns, on errors, Ctrl-C and SIGTERM too.
 
 Usage: .venv/bin/python bench/bench_llama_cache.py [--modules N] [--module-bytes B] [--threads T]
+       [--architecture llama|llama4] [--swa-full]
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def wait_for_head(proxy: Proxy, head: str) -> None:
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
-    model = write_tiny_gguf(root / "tiny-llama4.gguf")
+    model = write_tiny_gguf(root / "tiny-model.gguf", architecture=args.architecture)
     counter = iter(range(100))
 
     def new_repo(marker: str) -> Repo:
@@ -118,8 +120,14 @@ def run(args: argparse.Namespace, root: Path) -> None:
         return run_proxy(server.url, root / f"proxy{next(counter)}", {"GIT_REPO_PATH": str(repo.path), **env})
 
     started = time.perf_counter()
-    with run_llama_server(model, ctx_size=args.ctx_size, slots=1, threads=args.threads, log_dir=root) as server:
-        print(f"llama-server on {server.url} ({args.threads or os.cpu_count()} threads), logging to {server.log_path}")
+    extra = ["--swa-full"] if args.swa_full else []
+    with run_llama_server(
+        model, ctx_size=args.ctx_size, slots=1, threads=args.threads, extra_args=extra, log_dir=root
+    ) as server:
+        print(
+            f"llama-server on {server.url} ({args.threads or os.cpu_count()} threads, {args.architecture} model"
+            f"{', --swa-full' if args.swa_full else ''}), logging to {server.log_path}"
+        )
 
         # (i) and (ii) append: one repository, LAYOUT=append.
         repo = new_repo("warm and cold, append")
@@ -191,6 +199,13 @@ def main() -> None:
     parser.add_argument("--module-bytes", type=int, default=330, help="approximate size of each module")
     parser.add_argument("--threads", type=int, default=None, help="llama-server threads (default: every core)")
     parser.add_argument("--ctx-size", type=int, default=65536, help="llama-server context size")
+    parser.add_argument(
+        "--architecture",
+        choices=("llama", "llama4"),
+        default="llama4",
+        help="llama4 (Scout's: chunked attention on llama.cpp's iSWA cache, MoE) or plain llama",
+    )
+    parser.add_argument("--swa-full", action="store_true", help="start llama-server with --swa-full")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the with-blocks stop mitmdump and llama-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
