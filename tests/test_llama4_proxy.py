@@ -109,3 +109,19 @@ def test_per_commit_layout_an_early_edit_loses_everything_unless_the_full_cache_
         assert after.cached_tokens == 0, after.cached_tokens  # the chunked layers lost that position
         assert after.timings["prompt_n"] == after.prompt_tokens
         assert after.verdict == "miss", after.headers["x-scout-cache"]
+
+
+def test_prewarm_prefills_a_new_base_before_the_question(
+    llama4: Llama4Server, proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    """LAYOUT=per-commit makes each commit a new base; PREWARM pays its prefill before anyone asks."""
+    repo = make_repo(repo_files(f"the llama4 prewarm test {llama4.swa_full}"))
+    proxy = proxy_in_front(repo, LAYOUT="per-commit", PREWARM="true")
+    warm_up(proxy)
+    head = edit_early_file(repo)
+    wait_for_log(proxy, rf"prewarm: base {head[:7]} prefilled in [\d.]+ s")
+    after = ask(proxy, "What is EARLY_6 now?")
+    assert after.headers["x-scout-snapshot-commit"] == head
+    assert after.headers["x-scout-cache-expected"] == "hit"  # the prewarm told the tracker
+    assert after.verdict == "hit", after.headers["x-scout-cache"]
+    assert after.timings["prompt_n"] < 64  # only the question's turn
