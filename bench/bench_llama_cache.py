@@ -16,7 +16,10 @@ in one run:
       that file on): prefill time, tokens prefilled, cached share, verdict; the ratio per-commit/append;
 (iii) with LAYOUT=per-commit in both: the user-visible latency of that first question after the
       commit WITH PREWARM=true (asked once the proxy's log says the prewarm of the new commit
-      finished) against WITHOUT prewarm (the per-commit measurement of (ii)), and the ratio.
+      finished) against WITHOUT prewarm (the per-commit measurement of (ii)), and the ratio;
+(iv)  a sequence of commits (bench/commit_sequence.py, default 20), one question after each, with
+      LAYOUT=append and LAYOUT=per-commit: tokens prefilled per question (timings.prompt_n), base
+      moves, and the per-commit/append ratio.
 
 Machines differ: compare ratios, not milliseconds. Every process it starts (llama-server, mitmdump)
 is stopped before it returns, on errors, Ctrl-C and SIGTERM too.
@@ -42,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from commit_sequence import Asked, commit_plan, ratio_line, run_commits, summary
 from llama_server import EARLY_FILE, LlamaServer, edit_early_file, repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo, http_request, run_proxy
 
@@ -57,6 +61,10 @@ class Answer:
     prompt_tokens: int
     cached_tokens: int
     verdict: str
+    base_commit: str
+
+    def asked(self) -> Asked:
+        return Asked(self.prompt_n, self.wall_seconds, self.verdict, self.base_commit)
 
     @property
     def cached_share(self) -> float:
@@ -87,6 +95,7 @@ def ask(proxy: Proxy, question: str) -> Answer:
         int(usage["prompt_tokens"]),
         int(usage["prompt_tokens_details"]["cached_tokens"]),
         result.headers.get("x-scout-cache", "?").split(";")[0],
+        result.headers.get("x-scout-base-commit", "?"),
     )
 
 
@@ -168,6 +177,20 @@ def run(args: argparse.Namespace, root: Path) -> None:
             )
             print(f"      per-commit + prewarm:    {prewarmed.describe()}")
 
+        # (iv) a sequence of commits, one question after each, append against per-commit.
+        sequence: dict[str, list[Asked]] = {}
+        for layout in ("append", "per-commit") if args.commits else ():
+            repo = new_repo(f"{args.commits} commits, {layout}")
+            with proxy_for(server, repo, LAYOUT=layout, MAX_TAIL_PERCENT=str(args.max_tail_percent)) as proxy:
+                first = ask(proxy, "What does f_1_1 return?")
+                sequence[layout] = run_commits(
+                    repo,
+                    commit_plan(args.modules, args.commits),
+                    lambda head, proxy=proxy: wait_for_head(proxy, head),
+                    lambda question, proxy=proxy: ask(proxy, question).asked(),
+                )
+            print(f"(iv)  {layout:10s}: {summary(sequence[layout], first.base_commit)}")
+
     print()
     print(f"whole run: {time.perf_counter() - started:.0f} s; ratios measured in this one run:")
     print(
@@ -191,6 +214,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
         f"without {without * 1000:.0f} ms; with/without {with_prewarm / without:.4f} "
         f"({without / with_prewarm:.0f}x faster)"
     )
+    if sequence:
+        print(f"(iv)  {ratio_line(args.commits, sequence['append'], sequence['per-commit'])}")
 
 
 def main() -> None:
@@ -206,6 +231,10 @@ def main() -> None:
         help="llama4 (Scout's: chunked attention on llama.cpp's iSWA cache, MoE) or plain llama",
     )
     parser.add_argument("--swa-full", action="store_true", help="start llama-server with --swa-full")
+    parser.add_argument("--commits", type=int, default=20, help="commits in the sequence of (iv); 0 skips it")
+    parser.add_argument(
+        "--max-tail-percent", type=int, default=10, help="MAX_TAIL_PERCENT in (iv) (default 10, the setting's)"
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the with-blocks stop mitmdump and llama-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

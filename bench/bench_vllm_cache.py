@@ -23,12 +23,9 @@ Usage: .venv/bin/python bench/bench_vllm_cache.py [--modules N] [--module-bytes 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import random
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -38,13 +35,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from commit_sequence import Asked, commit_plan, ratio_line, run_commits, summary
 from llama_server import repo_files
 from support import Proxy, Repo, http_request, run_proxy
 from vllm_server import SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
 
 CHAT = "/v1/chat/completions"
 TIMEOUT_SECONDS = 600
-SEED = 20261129
 
 
 @dataclass
@@ -55,6 +52,9 @@ class Answer:
     written_tokens: int
     verdict: str
     base_commit: str
+
+    def asked(self) -> Asked:
+        return Asked(self.written_tokens, self.wall_seconds, self.verdict, self.base_commit)
 
     def describe(self) -> str:
         return (
@@ -92,35 +92,6 @@ def wait_for_head(proxy: Proxy, head: str) -> None:
         time.sleep(0.05)
 
 
-def commit_sequence(repo: Repo, modules: int, commits: int) -> list[tuple[str, int]]:
-    """Which module each commit edits (a fixed pseudo-random order) and the line it changes."""
-    chooser = random.Random(SEED)
-    return [(f"pkg/mod_{chooser.randrange(modules):03d}.py", index) for index in range(commits)]
-
-
-def run_commits(proxy: Proxy, repo: Repo, plan: list[tuple[str, int]]) -> list[Answer]:
-    answers = []
-    for path, index in plan:
-        text = (repo.path / path).read_text()
-        repo.write({path: text.replace("return x * 1 ", f"return x * {index + 100} ", 1) + f"# edit {index}\n"})
-        wait_for_head(proxy, repo.commit_all(f"edit {path} ({index})"))
-        answers.append(ask(proxy, f"What changed in {path}?"))
-    return answers
-
-
-def summary(answers: list[Answer], first_base: str) -> str:
-    written = [answer.written_tokens for answer in answers]
-    verdicts = {verdict: [a.verdict for a in answers].count(verdict) for verdict in ("hit", "partial", "miss")}
-    bases = [first_base, *(answer.base_commit for answer in answers)]
-    moves = sum(1 for before, after in itertools.pairwise(bases) if before != after)
-    return (
-        f"prefilled per question mean {statistics.mean(written):.0f}, median {statistics.median(written):.0f}, "
-        f"max {max(written)}, total {sum(written)} tokens; mean wall "
-        f"{statistics.mean(a.wall_seconds for a in answers) * 1000:.0f} ms; verdicts {verdicts}; base moves {moves}\n"
-        f"      per question: {' '.join(str(w) for w in written)}"
-    )
-
-
 def run(args: argparse.Namespace, root: Path) -> None:
     counter = iter(range(100))
 
@@ -144,15 +115,19 @@ def run(args: argparse.Namespace, root: Path) -> None:
             print(f"(i)  cold question: {cold.describe()}")
             print(f"     warm question: {warm.describe()}")
 
-        results: dict[str, list[Answer]] = {}
+        results: dict[str, list[Asked]] = {}
         for layout in ("append", "per-commit"):
             repo = new_repo(f"{args.commits} commits, {layout}")
             with proxy_for(server, repo, LAYOUT=layout, MAX_TAIL_PERCENT=str(args.max_tail_percent)) as proxy:
                 first = ask(proxy, "What does f_1_1 return?")
-                results[layout] = run_commits(proxy, repo, commit_sequence(repo, args.modules, args.commits))
+                results[layout] = run_commits(
+                    repo,
+                    commit_plan(args.modules, args.commits),
+                    lambda head, proxy=proxy: wait_for_head(proxy, head),
+                    lambda question, proxy=proxy: ask(proxy, question).asked(),
+                )
             print(f"(ii) {layout:10s}: {summary(results[layout], first.base_commit)}")
 
-    append, per_commit = results["append"], results["per-commit"]
     print()
     print(f"whole run: {time.perf_counter() - started:.0f} s; ratios measured in this one run:")
     print(
@@ -160,14 +135,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         f"({warm.wall_seconds * 1000:.0f} / {cold.wall_seconds * 1000:.0f} ms); "
         f"tokens written warm/cold: {warm.written_tokens}/{cold.written_tokens}"
     )
-    total_append = sum(a.written_tokens for a in append)
-    total_per_commit = sum(a.written_tokens for a in per_commit)
-    wall_ratio = statistics.mean(a.wall_seconds for a in per_commit) / statistics.mean(a.wall_seconds for a in append)
-    print(
-        f"(ii) over {args.commits} commits, tokens prefilled per-commit/append: "
-        f"{total_per_commit / max(total_append, 1):.1f}x ({total_per_commit} vs {total_append}); "
-        f"mean wall per-commit/append {wall_ratio:.2f}x"
-    )
+    print(f"(ii) {ratio_line(args.commits, results['append'], results['per-commit'])}")
 
 
 def main() -> None:

@@ -1,0 +1,70 @@
+"""A sequence of commits with one question after each, and its summary: shared by the engine benchmarks.
+
+Each commit edits one generated module (``tests/llama_server.repo_files``), chosen from a fixed
+pseudo-random order, so some edits are early in path order and some late. What a question cost is
+the number of prompt tokens the model server prefilled for it (vLLM: ``created_cache_tokens``;
+llama.cpp: ``timings.prompt_n``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from support import Repo
+
+SEED = 20261129
+
+
+@dataclass(frozen=True)
+class Asked:
+    prefilled_tokens: int
+    wall_seconds: float
+    verdict: str
+    base_commit: str
+
+
+def commit_plan(modules: int, commits: int) -> list[tuple[str, int]]:
+    """Which module each commit edits, in a fixed pseudo-random order, and the commit's index."""
+    chooser = random.Random(SEED)
+    return [(f"pkg/mod_{chooser.randrange(modules):03d}.py", index) for index in range(commits)]
+
+
+def run_commits(
+    repo: Repo, plan: list[tuple[str, int]], wait_for_head: Callable[[str], None], ask: Callable[[str], Asked]
+) -> list[Asked]:
+    """Commit each edit, wait until the proxy sees the new HEAD, and ask one question about it."""
+    answers = []
+    for path, index in plan:
+        text = (repo.path / path).read_text()
+        repo.write({path: text.replace("return x * 1 ", f"return x * {index + 100} ", 1) + f"# edit {index}\n"})
+        wait_for_head(repo.commit_all(f"edit {path} ({index})"))
+        answers.append(ask(f"What changed in {path}?"))
+    return answers
+
+
+def summary(answers: list[Asked], first_base: str) -> str:
+    prefilled = [answer.prefilled_tokens for answer in answers]
+    verdicts = {verdict: [a.verdict for a in answers].count(verdict) for verdict in ("hit", "partial", "miss")}
+    bases = [first_base, *(answer.base_commit for answer in answers)]
+    moves = sum(1 for before, after in itertools.pairwise(bases) if before != after)
+    return (
+        f"prefilled per question mean {statistics.mean(prefilled):.0f}, median {statistics.median(prefilled):.0f}, "
+        f"max {max(prefilled)}, total {sum(prefilled)} tokens; mean wall "
+        f"{statistics.mean(a.wall_seconds for a in answers) * 1000:.0f} ms; verdicts {verdicts}; base moves {moves}\n"
+        f"      per question: {' '.join(str(tokens) for tokens in prefilled)}"
+    )
+
+
+def ratio_line(commits: int, append: list[Asked], per_commit: list[Asked]) -> str:
+    total_append = sum(a.prefilled_tokens for a in append)
+    total_per_commit = sum(a.prefilled_tokens for a in per_commit)
+    wall = statistics.mean(a.wall_seconds for a in per_commit) / statistics.mean(a.wall_seconds for a in append)
+    return (
+        f"over {commits} commits, tokens prefilled per-commit/append: "
+        f"{total_per_commit / max(total_append, 1):.1f}x ({total_per_commit} vs {total_append}); "
+        f"mean wall per-commit/append {wall:.2f}x"
+    )
