@@ -109,6 +109,8 @@ def test_per_commit_layout_an_early_edit_loses_everything_unless_the_full_cache_
         assert after.cached_tokens == 0, after.cached_tokens  # the chunked layers lost that position
         assert after.timings["prompt_n"] == after.prompt_tokens
         assert after.verdict == "miss", after.headers["x-scout-cache"]
+        line = wait_for_log(proxy, r"chat 200 in .*\(miss: new commit\).*").group(0)
+        assert "unless llama-server runs with --swa-full" in line  # the log tells the user what to change
 
 
 def test_prewarm_prefills_a_new_base_before_the_question(

@@ -816,6 +816,20 @@ def test_append_layout_a_cache_that_reaches_the_new_history_block_is_a_hit() -> 
     assert (short.verdict, short.cause) == ("partial", "new commit")
 
 
+def test_a_llama_cpp_miss_over_an_identical_prefix_names_the_sliding_window_flag() -> None:
+    old, _ = appended_pair()
+    moved, _ = make_snapshot({"a.txt": "A\n" * 400, "b.txt": "b\n" * 400}, commit=COMMIT_B)
+    tracker = CacheTracker()
+    tracker.before_send(UP, old, None)
+    history = tracker.before_send(UP, moved, None)
+    assert (history.reusable_bytes or 0) / moved.size >= 0.05
+    tokens = SnapshotTokens(len(moved.message_json) // 4, exact=True)
+    llama_cpp = UpstreamUsage(tokens.count + 20, 0, tokens.count + 20, 900.0)  # timings: llama.cpp
+    assert "--swa-full" in classify(llama_cpp, tokens, history, moved).detail
+    vllm = UpstreamUsage(tokens.count + 20, 0)
+    assert "--swa-full" not in classify(vllm, tokens, history, moved).detail  # vLLM has no such flag
+
+
 def test_the_expectation_after_an_appended_commit_is_a_hit_and_after_a_moved_base_a_miss() -> None:
     old, new = appended_pair()
     tracker = CacheTracker()

@@ -36,6 +36,13 @@ ESTIMATE_TOLERANCE_SHARE = 0.03
 # Below this many cached tokens nothing but the template's first tokens was reused.
 MISS_BELOW_TOKENS = 64
 RECENT_WINDOW = 100
+# A miss although this share of the snapshot was an identical prefix of the last one: the engine lost it.
+LOST_PREFIX_SHARE = 0.05
+SLIDING_WINDOW_HINT = (
+    "; llama.cpp prefilled an identical prefix again: with a sliding-window model (Llama 4 Scout's chunked "
+    "attention) it keeps no cache for a difference that far back unless llama-server runs with --swa-full; "
+    "LAYOUT=append keeps differences at the end"
+)
 # A snapshot "extends" the previous one when they share all of it but its closing framing.
 APPEND_CLOSING_BYTES = 256
 
@@ -175,7 +182,20 @@ def classify(
         else:
             verdict = "partial"
     cause, detail = _cause(verdict, cached, expected, history, snapshot)
+    if (
+        verdict == "miss"
+        and usage.evaluated_tokens is not None
+        and _shared_share(history, snapshot) >= LOST_PREFIX_SHARE
+    ):
+        detail += SLIDING_WINDOW_HINT  # llama.cpp (it alone reports timings) prefilled an identical prefix again
     return CacheVerdict(verdict, cause, detail, usage.prompt_tokens, cached, snapshot_tokens)
+
+
+def _shared_share(history: SendHistory, snapshot: Snapshot) -> float:
+    """The share of the snapshot that is an identical prefix of the previous one (0 when unknown)."""
+    if history.reusable_bytes is None or not snapshot.size:
+        return 0.0
+    return history.reusable_bytes / snapshot.size
 
 
 def _appended_share(history: SendHistory, snapshot: Snapshot) -> float | None:
