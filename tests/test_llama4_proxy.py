@@ -16,6 +16,7 @@ boundary. What these tests pin down, measured on this llama-server:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 
 from engine_client import Answer, ask, wait_for_head, wait_for_log
 from llama_server import (
+    EARLY_FILE,
     LLAMA4_CHUNK_TOKENS,
     LlamaServer,
     edit_early_file,
@@ -127,3 +129,20 @@ def test_prewarm_prefills_a_new_base_before_the_question(
     assert after.headers["x-scout-cache-expected"] == "hit"  # the prewarm told the tracker
     assert after.verdict == "hit", after.headers["x-scout-cache"]
     assert after.timings["prompt_n"] < 64  # only the question's turn
+
+
+def test_a_working_tree_edit_costs_only_the_diff_and_the_question(
+    llama4: Llama4Server, proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    repo = make_repo(repo_files(f"the llama4 working-tree test {llama4.swa_full}"))
+    proxy = proxy_in_front(repo)
+    before = warm_up(proxy)
+    snapshot = int(before.cache_fields["snapshot_tokens"])
+    repo.write({EARLY_FILE: "EARLY_6 = 67\n"})  # not committed: the working diff carries it
+    deadline = time.monotonic() + 10
+    while proxy.get("/health").json()["diff"]["files"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = ask(proxy, "What is EARLY_6 now?")
+    assert after.verdict == "hit", after.headers["x-scout-cache"]
+    assert after.cached_tokens >= snapshot, (after.cached_tokens, snapshot)
+    assert after.timings["prompt_n"] < 0.1 * snapshot  # the diff and the question
