@@ -54,10 +54,14 @@ def answer_error(state: ScoutState, flow: http.HTTPFlow, error: ApiError) -> Non
         record.proxy_error = error
 
 
-def request_hook[A: HasState](
-    hook: Callable[[A, http.HTTPFlow], Awaitable[None]],
-) -> Callable[[A, http.HTTPFlow], Awaitable[None]]:
-    """Wrap an addon's ``request`` hook: skip answered flows; turn every failure into the answer."""
+type Hook[A] = Callable[[A, http.HTTPFlow], Awaitable[None]]
+
+
+def _guarded[A: HasState](hook: Hook[A], answer: Callable[[ScoutState, http.HTTPFlow, ApiError], None]) -> Hook[A]:
+    """``hook``, skipped once the flow is answered, its every failure answered with ``answer``.
+
+    (A refusal from the headers sets ``flow.response`` too, also when it was sent at once.)
+    """
 
     @functools.wraps(hook)
     async def guarded(addon: A, flow: http.HTTPFlow) -> None:
@@ -66,12 +70,17 @@ def request_hook[A: HasState](
         try:
             await hook(addon, flow)
         except ApiError as e:
-            answer_error(addon.state, flow, e)
+            answer(addon.state, flow, e)
         except Exception as e:
             logger.exception("scout-diff-cache: %s failed on %s", type(addon).__name__, flow.request.path)
-            answer_error(addon.state, flow, internal_error(e))
+            answer(addon.state, flow, internal_error(e))
 
     return guarded
+
+
+def request_hook[A: HasState](hook: Hook[A]) -> Hook[A]:
+    """Wrap an addon's ``request`` hook: skip answered flows; turn every failure into the answer."""
+    return _guarded(hook, answer_error)
 
 
 def expects_body(request: http.Request) -> bool:
@@ -94,21 +103,6 @@ def refuse_from_headers(state: ScoutState, flow: http.HTTPFlow, error: ApiError)
         logger.info("refused %s %s before its body: %s", flow.request.method, flow.request.path, error.status)
 
 
-def headers_hook[A: HasState](
-    hook: Callable[[A, http.HTTPFlow], Awaitable[None]],
-) -> Callable[[A, http.HTTPFlow], Awaitable[None]]:
+def headers_hook[A: HasState](hook: Hook[A]) -> Hook[A]:
     """Wrap an addon's ``requestheaders`` hook: skip answered flows; refuse before the body on failure."""
-
-    @functools.wraps(hook)
-    async def guarded(addon: A, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.error is not None:
-            return
-        try:
-            await hook(addon, flow)
-        except ApiError as e:
-            refuse_from_headers(addon.state, flow, e)
-        except Exception as e:
-            logger.exception("scout-diff-cache: %s failed on %s", type(addon).__name__, flow.request.path)
-            refuse_from_headers(addon.state, flow, internal_error(e))
-
-    return guarded
+    return _guarded(hook, refuse_from_headers)
