@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
@@ -41,16 +40,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from commit_sequence import Asked, commit_plan, ratio_line, run_commits, summary
+from commit_sequence import (
+    TIMEOUT_SECONDS,
+    Asked,
+    commit_plan,
+    post_question,
+    ratio_line,
+    run_commits,
+    summary,
+    wait_for_head,
+)
 from llama_server import EARLY_FILE, LlamaServer, edit_early_file, repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo, http_request, run_proxy
-
-CHAT = "/v1/chat/completions"
-TIMEOUT_SECONDS = 600
 
 
 @dataclass
@@ -78,15 +82,7 @@ class Answer:
 
 
 def ask(proxy: Proxy, question: str) -> Answer:
-    body = {"model": "llama-4-scout", "messages": [{"role": "user", "content": question}], "max_tokens": 2}
-    started = time.perf_counter()
-    result = http_request(
-        "POST", proxy.base_url + CHAT, json.dumps(body).encode(), {"content-type": "application/json"}, TIMEOUT_SECONDS
-    )
-    wall = time.perf_counter() - started
-    if result.status != 200:
-        raise RuntimeError(f"HTTP {result.status}: {result.body[:500]!r}")
-    answer: dict[str, Any] = result.json()
+    answer, headers, wall = post_question(proxy, question)
     timings, usage = answer["timings"], answer["usage"]
     return Answer(
         wall,
@@ -94,8 +90,8 @@ def ask(proxy: Proxy, question: str) -> Answer:
         int(timings["prompt_n"]),
         int(usage["prompt_tokens"]),
         int(usage["prompt_tokens_details"]["cached_tokens"]),
-        result.headers.get("x-scout-cache", "?").split(";")[0],
-        result.headers.get("x-scout-base-commit", "?"),
+        headers.get("x-scout-cache", "?").split(";")[0],
+        headers.get("x-scout-base-commit", "?"),
     )
 
 
@@ -107,14 +103,6 @@ def wait_for_log(proxy: Proxy, pattern: str, timeout: float = TIMEOUT_SECONDS) -
             return match
         if proxy.process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{pattern!r} not in the proxy log:\n{proxy.log()[-3000:]}")
-        time.sleep(0.05)
-
-
-def wait_for_head(proxy: Proxy, head: str) -> None:
-    deadline = time.monotonic() + 30
-    while http_request("GET", proxy.base_url + "/health").json().get("head") != head:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the proxy never saw HEAD {head}")
         time.sleep(0.05)
 
 

@@ -23,7 +23,6 @@ Usage: .venv/bin/python bench/bench_vllm_cache.py [--modules N] [--module-bytes 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -35,13 +34,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from commit_sequence import Asked, commit_plan, ratio_line, run_commits, summary
+from commit_sequence import Asked, commit_plan, post_question, ratio_line, run_commits, summary, wait_for_head
 from llama_server import repo_files
 from support import Proxy, Repo, http_request, run_proxy
 from vllm_server import SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
-
-CHAT = "/v1/chat/completions"
-TIMEOUT_SECONDS = 600
 
 
 @dataclass
@@ -64,32 +60,17 @@ class Answer:
 
 
 def ask(proxy: Proxy, question: str) -> Answer:
-    body = {"model": "llama-4-scout", "messages": [{"role": "user", "content": question}], "max_tokens": 2}
-    started = time.perf_counter()
-    result = http_request(
-        "POST", proxy.base_url + CHAT, json.dumps(body).encode(), {"content-type": "application/json"}, TIMEOUT_SECONDS
-    )
-    wall = time.perf_counter() - started
-    if result.status != 200:
-        raise RuntimeError(f"HTTP {result.status}: {result.body[:500]!r}")
-    usage: dict[str, Any] = result.json()["usage"]
+    answer, headers, wall = post_question(proxy, question)
+    usage: dict[str, Any] = answer["usage"]
     details = usage.get("prompt_tokens_details") or {}
     return Answer(
         wall,
         int(usage["prompt_tokens"]),
         int(details.get("cached_tokens") or 0),
         int(details.get("created_cache_tokens") or 0),
-        result.headers.get("x-scout-cache", "?").split(";")[0],
-        result.headers.get("x-scout-base-commit", "?"),
+        headers.get("x-scout-cache", "?").split(";")[0],
+        headers.get("x-scout-base-commit", "?"),
     )
-
-
-def wait_for_head(proxy: Proxy, head: str) -> None:
-    deadline = time.monotonic() + 30
-    while http_request("GET", proxy.base_url + "/health").json().get("head") != head:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the proxy never saw HEAD {head}")
-        time.sleep(0.05)
 
 
 def run(args: argparse.Namespace, root: Path) -> None:

@@ -1,4 +1,4 @@
-"""A sequence of commits with one question after each, and its summary: shared by the engine benchmarks.
+"""What the engine benchmarks share: asking through the proxy, waiting for HEAD, and a sequence of commits.
 
 Each commit edits one generated module (``tests/llama_server.repo_files``), chosen from a fixed
 pseudo-random order, so some edits are early in path order and some late. What a question cost is
@@ -9,12 +9,18 @@ llama.cpp: ``timings.prompt_n``).
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from support import Repo
+from support import Proxy, Repo, http_request
+
+CHAT = "/v1/chat/completions"
+TIMEOUT_SECONDS = 600
 
 SEED = 20261129
 
@@ -25,6 +31,28 @@ class Asked:
     wall_seconds: float
     verdict: str
     base_commit: str
+
+
+def post_question(proxy: Proxy, question: str) -> tuple[dict[str, Any], dict[str, str], float]:
+    """One question through the proxy (two tokens of answer): the answer, its headers, the wall time."""
+    body = {"model": "llama-4-scout", "messages": [{"role": "user", "content": question}], "max_tokens": 2}
+    started = time.perf_counter()
+    result = http_request(
+        "POST", proxy.base_url + CHAT, json.dumps(body).encode(), {"content-type": "application/json"}, TIMEOUT_SECONDS
+    )
+    wall = time.perf_counter() - started
+    if result.status != 200:
+        raise RuntimeError(f"HTTP {result.status}: {result.body[:500]!r}")
+    answer: dict[str, Any] = result.json()
+    return answer, result.headers, wall
+
+
+def wait_for_head(proxy: Proxy, head: str) -> None:
+    deadline = time.monotonic() + 30
+    while http_request("GET", proxy.base_url + "/health").json().get("head") != head:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy never saw HEAD {head}")
+        time.sleep(0.05)
 
 
 def commit_plan(modules: int, commits: int) -> list[tuple[str, int]]:

@@ -78,6 +78,14 @@ def wait_for_log(proxy: Proxy, pattern: str, timeout: float = 60, count: int = 1
         time.sleep(0.05)
 
 
+def wait_for_diff(proxy: Proxy, timeout: float = 10) -> None:
+    """Until the proxy's working diff has a file in it (an uncommitted edit was seen)."""
+    deadline = time.monotonic() + timeout
+    while proxy.get("/health").json()["diff"]["files"] == 0:
+        assert time.monotonic() < deadline, "the proxy never saw the working-tree edit"
+        time.sleep(0.1)
+
+
 def wait_for_head(proxy: Proxy, head: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while proxy.get("/health").json().get("head") != head:

@@ -16,14 +16,13 @@ boundary. What these tests pin down, measured on this llama-server:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from engine_client import Answer, ask, wait_for_head, wait_for_log
+from engine_client import Answer, ask, wait_for_diff, wait_for_head, wait_for_log
 from llama_server import (
     EARLY_FILE,
     LLAMA4_CHUNK_TOKENS,
@@ -139,9 +138,7 @@ def test_a_working_tree_edit_costs_only_the_diff_and_the_question(
     before = warm_up(proxy)
     snapshot = int(before.cache_fields["snapshot_tokens"])
     repo.write({EARLY_FILE: "EARLY_6 = 67\n"})  # not committed: the working diff carries it
-    deadline = time.monotonic() + 10
-    while proxy.get("/health").json()["diff"]["files"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_diff(proxy)
     after = ask(proxy, "What is EARLY_6 now?")
     assert after.verdict == "hit", after.headers["x-scout-cache"]
     assert after.cached_tokens >= snapshot, (after.cached_tokens, snapshot)

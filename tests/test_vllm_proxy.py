@@ -15,14 +15,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from engine_client import Answer, ask, wait_for_head, wait_for_log
+from engine_client import Answer, ask, wait_for_diff, wait_for_head, wait_for_log
 from llama_server import EARLY_FILE, edit_early_file, repo_files
 from support import SETTING_ENV_NAMES, Proxy, Repo
 from vllm_server import CACHE_GRAIN_TOKENS, MAX_MODEL_LEN, SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
@@ -156,9 +155,7 @@ def test_a_working_tree_edit_costs_only_the_diff_and_the_question(
     before = ask(proxy, "What is EARLY_7?")
     snapshot = snapshot_tokens(before)
     repo.write({EARLY_FILE: "EARLY_6 = 67\n"})  # not committed: the working diff carries it
-    deadline = time.monotonic() + 10
-    while proxy.get("/health").json()["diff"]["files"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_diff(proxy)
     after = ask(proxy, "What is EARLY_6 now?")
     assert after.verdict == "hit", after.headers["x-scout-cache"]
     assert after.cached_tokens >= snapshot - CACHE_GRAIN_TOKENS, (after.cached_tokens, snapshot)
