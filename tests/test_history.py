@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from scout_diff_cache.context import provider as context_module
+from scout_diff_cache.context.fit import WindowBudget
 from scout_diff_cache.context.framing import MESSAGE_END, MESSAGE_HEAD
 from scout_diff_cache.context.history import History, HistoryLimits, Tail
 from scout_diff_cache.context.provider import ContextProvider
@@ -998,10 +999,14 @@ async def test_the_provider_builds_each_base_once_and_appends_commits(
     real_build = build_snapshot  # the function context.py imported
 
     def counting_build(
-        git_repo: GitRepo, commit: str | None, lim: SnapshotLimits, preamble: str = PREAMBLE
+        git_repo: GitRepo,
+        commit: str | None,
+        lim: SnapshotLimits,
+        preamble: str = PREAMBLE,
+        budget: WindowBudget | None = None,
     ) -> Snapshot:
         builds.append((commit, preamble == APPEND_PREAMBLE))
-        return real_build(git_repo, commit, lim, preamble)
+        return real_build(git_repo, commit, lim, preamble, budget)
 
     monkeypatch.setattr(context_module, "build_snapshot", counting_build)
     provider = make_provider(repo, HistoryLimits(4, NEVER_HALVE, False))

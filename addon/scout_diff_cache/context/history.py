@@ -9,8 +9,10 @@ first-parent history and the settings, so every replica and every restart agrees
    setting ``base_every_commits``. The candidate base is HEAD's first-parent ancestor at depth
    ``d - d % E``: the base moves once every E commits.
 2. If the tail (the blocks from the candidate base to HEAD) is larger than ``max_tail_percent``
-   of the candidate base's files, the rule is tried again with E halved (E/2, E/4, ... 1; at
-   E = 1 the base is HEAD and the tail is empty).
+   of the candidate base's files, or, with a context window, its tokens take more than
+   ``max_tail_percent`` of message 1's share of the window (the base is fitted to the rest, see
+   ``tail_share``), the rule is tried again with E halved (E/2, E/4, ... 1; at E = 1 the base is
+   HEAD and the tail is empty).
 
 Each block holds the commit's message and its changes against its first parent: a patch, or
 with ``history_full_files`` the full new text of each changed file. Following the first-parent
@@ -24,13 +26,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..git.exclusions import PathFilter
 from ..git.patches import split_patch
 from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange
 from ..text import decode_utf8, display, is_binary, listing, quoted
+from .fit import BLOCK_SLACK_TOKENS, WindowBudget
 from .snapshot import SnapshotContent, SnapshotLimits, file_block, select_entries
+from .tokens import utf8_length
 
 KEPT_BLOCKS = 4096
 
@@ -49,6 +53,13 @@ class Tail:
     base: str
     commits: tuple[str, ...]
     blocks: tuple[str, ...]
+    tokens: int = 0  # the blocks' tokens as the budget counts them (0 without a budget)
+
+
+def tail_share(budget: WindowBudget, limits: HistoryLimits) -> tuple[WindowBudget, int]:
+    """Message 1's share split: the budget the base is fitted to, and the tokens the tail may take."""
+    tail_tokens = budget.tokens * limits.max_tail_percent // 100
+    return replace(budget, tokens=budget.tokens - tail_tokens), tail_tokens
 
 
 class History:
@@ -62,12 +73,12 @@ class History:
         self._base_bytes: dict[str, int] = {}
         self._lock = threading.Lock()  # two HEADs may be worked out at once, in two threads
 
-    def tail_for(self, head: str) -> Tail:
-        """The base and the tail for ``head``, by the rule in the module docstring."""
+    def tail_for(self, head: str, budget: WindowBudget | None = None) -> Tail:
+        """The base and the tail for ``head``, by the rule in the module docstring (may ask the tokenizer)."""
         with self._lock:
-            return self._tail_for(head)
+            return self._tail_for(head, budget)
 
-    def _tail_for(self, head: str) -> Tail:
+    def _tail_for(self, head: str, budget: WindowBudget | None) -> Tail:
         depth = self.repo.first_parent_depth(head)
         every = self.limits.base_every_commits
         while True:
@@ -75,10 +86,23 @@ class History:
             base = self.repo.first_parent_ancestor(head, steps) if steps else head
             commits = tuple(self.repo.first_parent_chain(base, head)) if steps else ()
             blocks = tuple(self.block(commit) for commit in commits)
-            tail_bytes = sum(len(block.encode("utf-8")) for block in blocks)
-            if every == 1 or tail_bytes * 100 <= self.limits.max_tail_percent * self.base_bytes(base):
-                return Tail(base, commits, blocks)
+            tail_bytes = sum(utf8_length(block) for block in blocks)
+            tokens = self._tail_tokens(blocks, tail_bytes, budget)
+            fits_window = tokens is not None
+            if every == 1 or (fits_window and tail_bytes * 100 <= self.limits.max_tail_percent * self.base_bytes(base)):
+                return Tail(base, commits, blocks, tokens or 0)
             every //= 2
+
+    def _tail_tokens(self, blocks: Sequence[str], tail_bytes: int, budget: WindowBudget | None) -> int | None:
+        """The tail's tokens (0 without a budget); None when they take more than the tail's share."""
+        if budget is None:
+            return 0
+        _, allowed = tail_share(budget, self.limits)
+        slack = BLOCK_SLACK_TOKENS * len(blocks)
+        if tail_bytes + slack <= allowed:
+            return tail_bytes + slack  # the byte bound
+        tokens = sum(budget.measure.count(blocks)) + slack
+        return tokens if tokens <= allowed else None
 
     def base_bytes(self, commit: str) -> int:
         """The size of the files a snapshot of ``commit`` includes (from the tree's sizes: no reads)."""

@@ -18,8 +18,9 @@ from typing import Literal, Protocol
 from ..git.repo import GitRepo
 from ..git.watcher import ChangeMonitor, Generation
 from ..text import human_bytes, short_commit
-from .history import History, HistoryLimits
-from .snapshot import APPEND_PREAMBLE, Snapshot, SnapshotLimits, build_snapshot, with_history
+from .fit import WindowBudget
+from .history import History, HistoryLimits, tail_share
+from .snapshot import APPEND_PREAMBLE, PREAMBLE, Snapshot, SnapshotLimits, build_snapshot, with_history
 from .workdiff import DiffLimits, WorkingDiff, build_working_diff
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,21 @@ logger = logging.getLogger(__name__)
 KEPT_SNAPSHOTS = 2
 
 SnapshotLookup = Literal["hit", "wait", "miss"]
+# A snapshot's cache key: its commit and its budget's key (None: built without one).
+_Key = tuple[str | None, tuple[int, str, tuple[str, ...]] | None]
+
+
+def fit_summary(snapshot: Snapshot) -> str:
+    """For the log: how message 1 was fitted to the window ("" when it was built without a budget)."""
+    fit = snapshot.fit
+    if fit is None:
+        return ""
+    if not fit.cut:
+        return f"; fits the window: {snapshot.planned_tokens} of {fit.budget} tokens ({fit.measure})"
+    return (
+        f"; cut to fit {fit.budget} tokens: {snapshot.file_count} files in full, {snapshot.outline_count} outlined, "
+        f"{len(fit.omitted)} omitted, of {fit.repository_tokens} tokens ({fit.measure})"
+    )
 
 
 class BuildObserver(Protocol):
@@ -78,49 +94,53 @@ class ContextProvider:
         self.snapshot_builds = 0
         self._state: tuple[Generation, _WorkState] | None = None
         self._state_task: tuple[Generation, asyncio.Task[_WorkState]] | None = None
-        self._snapshots: OrderedDict[str | None, Snapshot] = OrderedDict()
-        self._builds: dict[str | None, asyncio.Task[Snapshot]] = {}
-        self._bases: OrderedDict[str, Snapshot] = OrderedDict()
-        self._base_builds: dict[str, asyncio.Task[Snapshot]] = {}
+        self._snapshots: OrderedDict[_Key, Snapshot] = OrderedDict()
+        self._builds: dict[_Key, asyncio.Task[Snapshot]] = {}
+        self._bases: OrderedDict[_Key, Snapshot] = OrderedDict()
+        self._base_builds: dict[_Key, asyncio.Task[Snapshot]] = {}
 
-    async def current(self) -> RepoContext:
+    async def current(self, budget: WindowBudget | None = None) -> RepoContext:
+        """HEAD's message 1 (fitted to ``budget``, message 1's share of the window) and the working diff."""
         state = await self._work_state()
-        return RepoContext(await self.snapshot(state.commit), state.diff)
+        return RepoContext(await self.snapshot(state.commit, budget), state.diff)
 
-    async def snapshot(self, commit: str | None) -> Snapshot:
+    async def snapshot(self, commit: str | None, budget: WindowBudget | None = None) -> Snapshot:
         """The snapshot of ``commit``, built at most once however many requests ask at the same time."""
-        if commit in self._snapshots:
-            self._snapshots.move_to_end(commit)
+        key = (commit, budget.key if budget else None)
+        if key in self._snapshots:
+            self._snapshots.move_to_end(key)
             self.observer.snapshot_lookup("hit")
-            return self._snapshots[commit]
-        task = self._builds.get(commit)
+            return self._snapshots[key]
+        task = self._builds.get(key)
         if task is None:
             self.observer.snapshot_lookup("miss")
-            task = asyncio.create_task(self._build(commit), name=f"scout snapshot {commit}")
-            self._builds[commit] = task
+            task = asyncio.create_task(self._build(commit, budget, key), name=f"scout snapshot {commit}")
+            self._builds[key] = task
         else:
             self.observer.snapshot_lookup("wait")
         return await asyncio.shield(task)
 
-    async def _build(self, commit: str | None) -> Snapshot:
+    async def _build(self, commit: str | None, budget: WindowBudget | None, key: _Key) -> Snapshot:
         started = time.perf_counter()
         try:
             if self.history is None or commit is None:
-                snapshot = await asyncio.to_thread(build_snapshot, self.repo, commit, self.snapshot_limits)
+                snapshot = await asyncio.to_thread(
+                    build_snapshot, self.repo, commit, self.snapshot_limits, PREAMBLE, budget
+                )
             else:
-                snapshot = await self._with_history(commit)
+                snapshot = await self._with_history(commit, budget)
         finally:
-            del self._builds[commit]
+            del self._builds[key]
         self.snapshot_builds += 1
         self.observer.snapshot_built(snapshot, time.perf_counter() - started)
-        self._snapshots[commit] = snapshot
+        self._snapshots[key] = snapshot
         while len(self._snapshots) > KEPT_SNAPSHOTS:
             self._snapshots.popitem(last=False)
         base = ""
         if snapshot.tail_commits:
             base = f", base {short_commit(snapshot.base_commit)} + {snapshot.tail_commits} commits"
         logger.info(
-            "snapshot %s built in %.2f s: %d files, %d symlinks, %d left out, %s%s",
+            "snapshot %s built in %.2f s: %d files, %d symlinks, %d left out, %s%s%s",
             short_commit(commit),
             time.perf_counter() - started,
             snapshot.file_count,
@@ -128,34 +148,40 @@ class ContextProvider:
             snapshot.skipped_count,
             human_bytes(snapshot.size),
             base,
+            fit_summary(snapshot),
         )
         return snapshot
 
-    async def _with_history(self, head: str) -> Snapshot:
+    async def _with_history(self, head: str, budget: WindowBudget | None) -> Snapshot:
         """Append-only layout: the base snapshot (built once per base) and the blocks after it."""
         assert self.history is not None
-        tail = await asyncio.to_thread(self.history.tail_for, head)
-        base = await self._base(tail.base)
+        tail = await asyncio.to_thread(self.history.tail_for, head, budget)
+        base_budget = tail_share(budget, self.history.limits)[0] if budget is not None else None
+        base = await self._base(tail.base, base_budget)
         if not tail.commits:
             return base
-        return await asyncio.to_thread(with_history, base, head, list(zip(tail.commits, tail.blocks, strict=True)))
+        blocks = list(zip(tail.commits, tail.blocks, strict=True))
+        return await asyncio.to_thread(with_history, base, head, blocks, tail.tokens)
 
-    async def _base(self, commit: str) -> Snapshot:
-        if commit in self._bases:
-            self._bases.move_to_end(commit)
-            return self._bases[commit]
-        task = self._base_builds.get(commit)
+    async def _base(self, commit: str, budget: WindowBudget | None) -> Snapshot:
+        key = (commit, budget.key if budget else None)
+        if key in self._bases:
+            self._bases.move_to_end(key)
+            return self._bases[key]
+        task = self._base_builds.get(key)
         if task is None:
-            task = asyncio.create_task(self._build_base(commit), name=f"scout base snapshot {commit}")
-            self._base_builds[commit] = task
+            task = asyncio.create_task(self._build_base(commit, budget, key), name=f"scout base snapshot {commit}")
+            self._base_builds[key] = task
         return await asyncio.shield(task)
 
-    async def _build_base(self, commit: str) -> Snapshot:
+    async def _build_base(self, commit: str, budget: WindowBudget | None, key: _Key) -> Snapshot:
         try:
-            base = await asyncio.to_thread(build_snapshot, self.repo, commit, self.snapshot_limits, APPEND_PREAMBLE)
+            base = await asyncio.to_thread(
+                build_snapshot, self.repo, commit, self.snapshot_limits, APPEND_PREAMBLE, budget
+            )
         finally:
-            del self._base_builds[commit]
-        self._bases[commit] = base
+            del self._base_builds[key]
+        self._bases[key] = base
         while len(self._bases) > KEPT_SNAPSHOTS:
             self._bases.popitem(last=False)
         return base

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 
 from ..git.exclusions import PathFilter
 from ..git.repo import KIND_SUBMODULE, MODE_SYMLINK, GitRepo, TreeEntry
-from ..text import decode_utf8, display, is_binary, listing, path_text, quoted
+from ..text import decode_utf8, is_binary, path_text, quoted
+from .fit import LISTING_PERCENT, TEMPLATE_TOKENS, FitReport, Omitted, Outlined, WindowBudget, choose, fits_whole
 from .framing import MESSAGE_END, MESSAGE_HEAD, encode_regions
+from .listings import Listed, fitting_text, render_listing
+from .tokens import BYTE_BOUND, utf8_length
 
 PREAMBLE = (
     "This is a snapshot of a git repository: the content of every text file tracked at its current "
@@ -76,6 +79,8 @@ class SnapshotContent:
     excluded: list[LeftOut] = field(default_factory=list)
     over_total: list[LeftOut] = field(default_factory=list)
     submodules: list[LeftOut] = field(default_factory=list)
+    outline_count: int = 0
+    fit: FitReport | None = None  # how the files were fitted to the window, when a budget was given
 
     def add_block(self, path: bytes, block: str, size: int, symlink: bool = False) -> None:
         self.blocks.append(block)
@@ -103,6 +108,14 @@ class Snapshot:
     regions: tuple[tuple[int, str | None], ...] = ()
     history_start: int | None = None  # append-only layout: where the commit blocks start in message_json
     history_chars: int = 0  # append-only layout: the length of the commit blocks at the end of text
+    fit: FitReport | None = None  # the base's fit to the window (None: built without a budget)
+    outline_count: int = 0  # files given as outlines to fit the window
+    tail_tokens: int = 0  # append-only layout: the history blocks' tokens, as the budget counted them
+
+    @property
+    def planned_tokens(self) -> int | None:
+        """Message 1's tokens as planned (an upper estimate unless counted exactly); None without a budget."""
+        return None if self.fit is None else self.fit.planned_tokens + self.tail_tokens
 
     @property
     def text(self) -> str:
@@ -174,47 +187,125 @@ def fill_blocks(
         content.add_block(entry.path, block, block_size, symlink=entry.mode == MODE_SYMLINK)
 
 
-def _listing(title: str, items: Sequence[LeftOut], describe: str) -> str:
-    lines = []
+def _listed(items: Sequence[LeftOut], describe: str) -> list[Listed]:
+    result = []
     for item in items:
         extra = ""
         if describe == "size" and item.size is not None:
             extra = f" ({item.size} bytes)"
         elif describe == "detail" and item.detail:
             extra = f" @ {item.detail}"
-        lines.append(f"{display(item.path)}{extra}")
-    return listing(title, lines)
+        result.append(Listed(item.path, extra, item.size or 0))
+    return result
 
 
-def render_footer(commit: str | None, content: SnapshotContent, limits: SnapshotLimits) -> str:
+def _fit_lines(report: FitReport, level: str) -> list[str]:
+    if not report.cut:
+        return []
+    return [
+        f"context window: the files are {report.repository_tokens} tokens; message 1 has {report.budget} "
+        f"(its share of the model's window), so it holds the most important files in full, outlines of "
+        f"others and the names of the rest (counted by: {report.measure})\n",
+        render_listing(
+            "files outlined to fit the context window (signatures only)",
+            [
+                Listed(o.path, f" ({o.full_tokens} tokens in full, outline {o.tokens})", o.full_tokens)
+                for o in report.outlined
+            ],
+            level,
+            "tokens in full",
+        ),
+        render_listing(
+            "files omitted to fit the context window",
+            [Listed(o.path, f" ({o.tokens} tokens)", o.tokens) for o in report.omitted],
+            level,
+            "tokens",
+        ),
+    ]
+
+
+def render_footer(
+    commit: str | None, content: SnapshotContent, limits: SnapshotLimits, fit_level: str = "file", level: str = "file"
+) -> str:
+    """The closing ``<snapshot_info>``; its listings at these levels of detail (listings.LEVELS)."""
     parts = [
         "<snapshot_info>\n",
         f"commit: {commit}\n" if commit else "commit: none (the repository has no commits yet)\n",
         f"files included: {content.file_count}, symbolic links: {content.symlink_count}, "
         + f"bytes: {content.block_bytes}\n",
-        _listing("binary files, not included", content.binary, "size"),
-        _listing(
+        *(_fit_lines(content.fit, fit_level) if content.fit else []),
+        render_listing("binary files, not included", _listed(content.binary, "size"), level, "bytes"),
+        render_listing(
             f"files over the per-file limit of {limits.max_file_bytes} bytes, not included",
-            content.too_large,
-            "size",
+            _listed(content.too_large, "size"),
+            level,
+            "bytes",
         ),
-        _listing("files excluded by path pattern", content.excluded, ""),
-        _listing(
+        render_listing("files excluded by path pattern", _listed(content.excluded, ""), level),
+        render_listing(
             f"files omitted because the snapshot reached its limit of {limits.max_snapshot_bytes} bytes "
             "(every file from this one on, in path order)",
-            content.over_total,
-            "size",
+            _listed(content.over_total, "size"),
+            level,
+            "bytes",
         ),
-        _listing("submodules, listed but not entered", content.submodules, "detail"),
+        render_listing("submodules, listed but not entered", _listed(content.submodules, "detail"), level),
         "</snapshot_info>\n",
     ]
     return "".join(parts)
 
 
-def render_snapshot(
-    commit: str | None, content: SnapshotContent, limits: SnapshotLimits, preamble: str = PREAMBLE
-) -> Snapshot:
+def fit_to_window(
+    commit: str | None, content: SnapshotContent, limits: SnapshotLimits, preamble: str, budget: WindowBudget
+) -> str:
+    """Cut ``content`` to ``budget`` if it does not fit (fit.py); the footer that goes with it."""
     footer = render_footer(commit, content, limits)
+    whole, counts = fits_whole(content.blocks, [preamble, footer], budget)
+    if whole:
+        measured = counts if counts is not None else BYTE_BOUND.count(content.blocks)
+        fixed = budget.measure.count([preamble, footer]) if counts is not None else BYTE_BOUND.count([preamble, footer])
+        content.fit = FitReport(
+            budget.tokens, budget.measure.name if counts is not None else BYTE_BOUND.name, sum(measured)
+        )
+        content.fit.planned_tokens = sum(measured) + sum(fixed) + TEMPLATE_TOKENS
+        return footer
+    assert counts is not None
+    fixed_tokens = budget.measure.count([preamble])[0] + TEMPLATE_TOKENS
+    # The listings' share, and at least what they take at their shortest (counts only) plus the sentence
+    # the cut adds: on a small window those are most of it.
+    content.fit = FitReport(budget.tokens, budget.measure.name, sum(counts), cut=True)
+    if content.block_paths:  # both lists present: their titles count too
+        content.fit.outlined = [Outlined(content.block_paths[0], 0, 0)]
+        content.fit.omitted = [Omitted(path, count) for path, count in zip(content.block_paths, counts, strict=True)]
+    shortest = budget.measure.count([render_footer(commit, content, limits, "count", "count")])[0]
+    reserve = budget.tokens * LISTING_PERCENT // 100 + shortest
+    choice = choose(
+        content.blocks, content.block_paths, counts, budget, fixed_tokens=fixed_tokens, listing_reserve=reserve
+    )
+    outlined = {item.path for item in choice.report.outlined}
+    content.blocks, content.block_paths = choice.blocks, choice.paths
+    content.block_bytes = sum(utf8_length(block) for block in content.blocks)
+    content.symlink_count = sum(block.startswith("<symlink ") for block in content.blocks)
+    content.file_count = len(content.blocks) - content.symlink_count - len(outlined)
+    content.outline_count = len(outlined)
+    content.fit = choice.report
+    footer = fitting_text(
+        lambda *levels: render_footer(commit, content, limits, *levels),
+        lambda text: budget.measure.count([text])[0],
+        reserve,
+    )
+    content.fit.planned_tokens += budget.measure.count([footer])[0]
+    return footer
+
+
+def render_snapshot(
+    commit: str | None,
+    content: SnapshotContent,
+    limits: SnapshotLimits,
+    preamble: str = PREAMBLE,
+    footer: str | None = None,
+) -> Snapshot:
+    footer = render_footer(commit, content, limits) if footer is None else footer
     pieces = [
         (preamble, None),
         *((block, path_text(path)) for block, path in zip(content.blocks, content.block_paths, strict=True)),
@@ -230,7 +321,7 @@ def render_snapshot(
             content.over_total,
             content.submodules,
         )
-    )
+    ) + (len(content.fit.omitted) if content.fit else 0)
     return Snapshot(
         commit=commit,
         message_json=b"".join([MESSAGE_HEAD, *encoded, MESSAGE_END]),
@@ -239,11 +330,22 @@ def render_snapshot(
         skipped_count=skipped,
         base_commit=commit,
         regions=tuple(regions),
+        fit=content.fit,
+        outline_count=content.outline_count,
     )
 
 
-def build_snapshot(repo: GitRepo, commit: str | None, limits: SnapshotLimits, preamble: str = PREAMBLE) -> Snapshot:
-    """Read the commit's tree from the object database and render it (blocking; run it in a thread)."""
+def build_snapshot(
+    repo: GitRepo,
+    commit: str | None,
+    limits: SnapshotLimits,
+    preamble: str = PREAMBLE,
+    budget: WindowBudget | None = None,
+) -> Snapshot:
+    """Read the commit's tree from the object database and render it, fitted to ``budget`` if given.
+
+    Blocking (run it in a thread); with an exact measure it asks the upstream's tokenizer.
+    """
     content = SnapshotContent()
     if commit is not None:
         entries = select_entries(repo.ls_tree(commit), limits, content)
@@ -252,10 +354,11 @@ def build_snapshot(repo: GitRepo, commit: str | None, limits: SnapshotLimits, pr
             fill_blocks(entries, blobs, limits, content)
         finally:
             blobs.close()
-    return render_snapshot(commit, content, limits, preamble)
+    footer = fit_to_window(commit, content, limits, preamble, budget) if budget is not None else None
+    return render_snapshot(commit, content, limits, preamble, footer)
 
 
-def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str]]) -> Snapshot:
+def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str]], tail_tokens: int = 0) -> Snapshot:
     """The base snapshot with the history blocks ((commit, block) pairs) appended, its JSON extended."""
     assert base.message_json.endswith(MESSAGE_END)
     start = len(base.message_json) - len(MESSAGE_END)
@@ -272,6 +375,9 @@ def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str
         regions=base.regions + tuple(regions),
         history_start=start,
         history_chars=len(history),
+        fit=base.fit,
+        outline_count=base.outline_count,
+        tail_tokens=tail_tokens,
     )
 
 

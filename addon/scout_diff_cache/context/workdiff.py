@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..git.exclusions import PathFilter
 from ..git.patches import blob_id, new_file_patch, split_patch
@@ -34,6 +34,10 @@ class WorkingDiff:
     message_json: bytes
     included_files: int
     left_out_files: int
+    # What it was rendered from, to render it again with fewer patches (``cut_to_fit``).
+    parts: DiffParts | None = field(default=None, compare=False, repr=False)
+    limits: DiffLimits | None = field(default=None, compare=False, repr=False)
+    operation: str | None = None
 
     @property
     def size(self) -> int:
@@ -45,7 +49,10 @@ class DiffParts:
     """The per-file patches that made it in, and the files left out with their reason."""
 
     patches: list[str] = field(default_factory=list)
+    patch_paths: list[bytes] = field(default_factory=list)
     patch_bytes: int = 0
+    over_window: list[bytes] = field(default_factory=list)
+    window_tokens: int = 0  # the window over_window was cut for
     excluded: list[bytes] = field(default_factory=list)
     too_large: list[bytes] = field(default_factory=list)
     over_total: list[bytes] = field(default_factory=list)
@@ -177,6 +184,7 @@ def select_patches(repo: GitRepo, candidates: list[Candidate], limits: DiffLimit
             parts.over_total.extend(c.path for c in candidates[index:])
             return
         parts.patches.append(text)
+        parts.patch_paths.append(candidate.path)
         parts.patch_bytes += size
 
 
@@ -199,8 +207,15 @@ def render_working_diff(commit: str | None, parts: DiffParts, limits: DiffLimits
             parts.over_total,
         )
         + _listing("nested git repositories, not entered", parts.nested_repos)
+        + _listing(
+            f"changed files left out so the request fits the model's context window of {parts.window_tokens} "
+            "tokens (every file from this one on, in path order; ask about them by name, or commit them)",
+            parts.over_window,
+        )
     )
-    left_out_count = len(parts.excluded) + len(parts.too_large) + len(parts.over_total) + len(parts.nested_repos)
+    left_out_count = (
+        len(parts.excluded) + len(parts.too_large) + len(parts.over_total) + len(parts.nested_repos)
+    ) + len(parts.over_window)
     if not parts.patches and not left_out:
         text = f"The working tree is clean: no uncommitted changes against {against}.\n{state}"
     else:
@@ -217,7 +232,26 @@ def render_working_diff(commit: str | None, parts: DiffParts, limits: DiffLimits
         message_json=system_message_json(text),
         included_files=len(parts.patches),
         left_out_files=left_out_count,
+        parts=parts,
+        limits=limits,
+        operation=operation,
     )
+
+
+def cut_to_fit(diff: WorkingDiff, keep: int, window_tokens: int) -> WorkingDiff:
+    """The diff with only its first ``keep`` file patches (path order); the others named as left out."""
+    assert diff.parts is not None and diff.limits is not None
+    parts = diff.parts
+    kept = parts.patches[:keep]
+    cut = replace(
+        parts,
+        patches=kept,
+        patch_paths=parts.patch_paths[:keep],
+        patch_bytes=sum(len(patch.encode("utf-8")) for patch in kept),
+        over_window=parts.patch_paths[keep:],
+        window_tokens=window_tokens,
+    )
+    return render_working_diff(diff.commit, cut, diff.limits, diff.operation)
 
 
 def operation_in_progress(repo: GitRepo) -> str | None:
