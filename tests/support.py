@@ -182,6 +182,9 @@ def raw_messages(body: bytes) -> list[bytes]:
             index += 1
 
 
+# MAX_CONTEXT_TOKENS for tests about bodies and memory, not the window: nothing is cut to fit.
+BIG_WINDOW = "100000000"
+
 CHARS_PER_TOKEN = 4
 BOS = "<|begin_of_text|>"
 
@@ -286,6 +289,8 @@ class UpstreamBehaviour:
     # (FakePrefixCache) reported the way that engine does, and its tokenize endpoints, if it has any.
     engine: str | None = None
     cache: FakePrefixCache = field(default_factory=FakePrefixCache)
+    # When set, GET /v1/models from the proxy itself reports this window (vLLM's max_model_len).
+    max_model_len: int | None = None
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
@@ -320,7 +325,11 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         if self.headers.get("user-agent", "").startswith("scout-diff-cache/"):
             # The proxy asking on its own behalf (the context window): kept apart from forwarded requests.
             self.server.own_requests.append(self.path)
-            self._send_json(200, {"object": "list", "data": []})
+            window = self.server.behaviour.max_model_len
+            cards = (
+                [{"id": "fake", "object": "model", "max_model_len": window}] if window and "models" in self.path else []
+            )
+            self._send_json(200, {"object": "list", "data": cards})
             return
         self._record()
         self._send_json(200, {"upstream": True, "path": self.path})
@@ -362,6 +371,8 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         if behaviour.engine == "vllm" and path == "/tokenize" and "messages" in payload:
             prompt = FakePrefixCache.render(payload, generation_prompt=payload.get("add_generation_prompt", True))
             self._send_json(200, {"count": FakePrefixCache.tokens(prompt), "max_model_len": 10_000_000})
+        elif behaviour.engine == "vllm" and path == "/tokenize" and isinstance(payload.get("prompt"), str):
+            self._send_json(200, {"count": FakePrefixCache.tokens(payload["prompt"]), "max_model_len": 10_000_000})
         elif behaviour.engine == "llamacpp" and path == "/apply-template":
             # Like llama.cpp: the prompt without the BOS text, which /tokenize adds with add_special.
             prompt = FakePrefixCache.render(payload, generation_prompt=payload.get("add_generation_prompt", True))

@@ -38,6 +38,7 @@ from scout_diff_cache.context.provider import RepoContext
 from scout_diff_cache.mitm.forward import UpstreamForwarding
 from scout_diff_cache.mitm.state import METADATA_KEY
 from support import (
+    BIG_WINDOW,
     SETTING_ENV_NAMES,
     Proxy,
     Repo,
@@ -598,7 +599,12 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         addon = ScoutAddons()
         with taddons.context(addon) as tctx:
             try:
-                tctx.configure(addon, scout_config=str(config), scout_git_repo_path=str(repo.path))
+                tctx.configure(
+                    addon,
+                    scout_config=str(config),
+                    scout_git_repo_path=str(repo.path),
+                    scout_max_context_tokens=BIG_WINDOW,  # these bodies are about parsing, not the window
+                )
                 harness = Harness(addon, tctx.master.event_loop, upstream)
                 context = harness.context()
                 assert b"print('edited')" in context.diff.message_json  # a real diff, not "clean"
@@ -830,7 +836,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     repo.write(REPO_EDIT)
     with (
         run_upstream() as upstream,
-        run_proxy(upstream.url, root / "proxy", {"GIT_REPO_PATH": str(repo.path)}) as proxy,
+        run_proxy(
+            upstream.url, root / "proxy", {"GIT_REPO_PATH": str(repo.path), "MAX_CONTEXT_TOKENS": BIG_WINDOW}
+        ) as proxy,
     ):
         baseline = proxy.post(CHAT, msgs(USER))
         assert baseline.status == 200, baseline.body

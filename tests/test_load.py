@@ -40,6 +40,7 @@ from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.git.watcher import ChangeMonitor
 from support import (
+    BIG_WINDOW,
     GIT_COMMIT_ENV,
     Proxy,
     Recorded,
@@ -634,7 +635,7 @@ def test_soak_1000_requests_with_a_multi_megabyte_snapshot_keep_rss_flat(
     checked and dropped as they come, so the test process does not hold gigabytes either.
     """
     repo = make_repo(generated_files(SOAK_FILES, SOAK_FILE_BYTES))
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path), "MAX_CONTEXT_TOKENS": BIG_WINDOW})
     health = proxy.get("/health").json()
     snapshot_bytes = health["snapshot"]["bytes"]
     assert snapshot_bytes > 4_000_000 and health["snapshot"]["files"] == SOAK_FILES, health

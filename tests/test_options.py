@@ -84,7 +84,7 @@ async def test_an_unexpected_failure_is_a_500_and_the_request_is_not_forwarded(
         tctx.configure(addon, scout_git_repo_path=str(repo.path))
         assert addon.provider is not None
 
-        async def broken() -> None:
+        async def broken(*args: object) -> None:
             raise RuntimeError("boom")
 
         monkeypatch.setattr(addon.provider, "current", broken)

@@ -80,7 +80,8 @@ def test_second_question_reuses_the_whole_snapshot_and_the_window_is_vllms(
     line = wait_for_log(proxy, r"chat 200 in .*cached [\d.]+% \(hit\)").group(0)
     assert f"cache read {second.cached_tokens} · written {second.written_tokens} tok" in line
     window = proxy.get("/health").json()["window"]
-    assert window == {"tokens": MAX_MODEL_LEN, "source": "upstream GET /v1/models max_model_len"}
+    assert (window["tokens"], window["source"]) == (MAX_MODEL_LEN, "upstream GET /v1/models max_model_len")
+    assert window["counted_by"] == "exact (the upstream's tokenizer, vllm POST /tokenize)"
 
 
 def test_the_exact_snapshot_count_is_what_vllm_reports_as_prompt_tokens_for_the_snapshot(
@@ -196,3 +197,26 @@ def test_prewarm_prefills_a_new_base_before_the_question_and_without_it_the_ques
     assert cold.verdict == "partial", cold.headers["x-scout-cache"]
     assert cold.written_tokens is not None and cold.written_tokens > 0.8 * cold.prompt_tokens
     print(f"vLLM prewarm: the first question after a new base wrote {warm.written_tokens} vs {cold.written_tokens}")
+
+
+def test_a_repository_three_times_the_window_is_cut_to_fit_and_a_too_long_conversation_is_the_proxys_400(
+    proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    """Issue 12 on vLLM: the window from /v1/models, every block counted by vLLM's /tokenize."""
+    files = repo_files("the vLLM three-windows test", modules=320, module_bytes=330)
+    assert sum(map(len, files.values())) > 3 * MAX_MODEL_LEN
+    proxy = proxy_in_front(make_repo(files))
+    wait_for_log(proxy, r"token counts: exact \(the upstream's tokenizer, vllm POST /tokenize\)")
+    first = ask(proxy, "What does f_3_1 return?")
+    assert first.prompt_tokens < MAX_MODEL_LEN
+    fit = proxy.get("/health").json()["fit"]
+    assert fit["cut_to_fit"] is True and fit["repository_tokens"] > 2 * MAX_MODEL_LEN
+    second = ask(proxy, "And f_200_2?")
+    assert second.verdict == "hit", second.headers["x-scout-cache"]
+    assert second.cached_tokens >= fit["planned_tokens"] * 9 // 10
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "Explain this code. " * 1800}], "max_tokens": 2}
+    ).encode()
+    refused = proxy.post("/v1/chat/completions", body)
+    assert refused.status == 400 and refused.json()["error"]["code"] == "context_length_exceeded", refused.body
+    assert "vLLM" not in refused.body.decode() and f"context window is {MAX_MODEL_LEN}" in refused.body.decode()

@@ -1,9 +1,12 @@
 """``python -m scout_diff_cache preview``: what the proxy would send for a repository, without any server.
 
 Reads the settings the proxy would (environment, config file, and the flags given here), builds
-the snapshot and the working diff exactly as the addon does, and prints a summary: commit, files,
-bytes, a token estimate, and every file left out with the reason (the snapshot's and the diff's
-own closing listings). ``--write-snapshot`` and ``--write-diff`` write the exact message texts.
+the snapshot and the working diff exactly as the addon does, fitted to a context window
+(``--window``, else MAX_CONTEXT_TOKENS, else the proxy's default; tokens estimated with
+BYTES_PER_TOKEN, as the proxy does for an upstream without a tokenizer), and prints a summary:
+commit, files, bytes, tokens, the plan per priority tier (in full, outlined, omitted), and every
+file left out with the reason (the snapshot's and the diff's own closing listings).
+``--write-snapshot`` and ``--write-diff`` write the exact message texts.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .context.snapshot import Snapshot
+from .context.tiers import TIER_NAMES
 from .git.repo import GitError
+from .observe.window import ContextWindow, effective_window
 from .settings import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
 from .text import human_bytes
-from .wiring import context_provider
-
-# A rough rule for code with a Llama-style tokenizer; printed as an estimate, never as a count.
-BYTES_PER_TOKEN_ESTIMATE = 4
+from .wiring import context_provider, estimate, window_budget
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,13 +38,36 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--max-snapshot-bytes", type=int)
     result.add_argument("--max-diff-bytes", type=int)
     result.add_argument("--exclude", action="append", default=[], help="extra exclusion (gitignore syntax); repeat")
+    result.add_argument("--window", type=int, help="the model's context window in tokens (default: MAX_CONTEXT_TOKENS)")
+    result.add_argument("--bytes-per-token", type=float, help="token estimate: UTF-8 bytes per token")
+    result.add_argument("--include-first", action="append", default=[], help="kept in full first (glob); repeat")
     result.add_argument("--write-snapshot", type=Path, help="write the exact snapshot message text here")
     result.add_argument("--write-diff", type=Path, help="write the exact working-diff message text here")
     return result
 
 
-def tokens(size: int) -> str:
-    return f"~{size // BYTES_PER_TOKEN_ESTIMATE:,} tokens (estimate: {BYTES_PER_TOKEN_ESTIMATE} bytes per token)"
+def print_plan(snapshot: Snapshot, window: ContextWindow, share: int) -> None:
+    fit = snapshot.fit
+    assert fit is not None
+    print(f"window: {window.tokens} tokens ({window.source}); message 1's share: {share} tokens")
+    print(f"tokens counted by: {fit.measure}")
+    print(
+        f"message 1: {snapshot.planned_tokens} tokens planned ({fit.planned_tokens} base"
+        + (f" + {snapshot.tail_tokens} history" if snapshot.tail_commits else "")
+        + f"); the repository's files: {fit.repository_tokens} tokens"
+    )
+    if not fit.cut:
+        print("plan: every file in full (the repository fits its share)")
+        return
+    print(
+        f"plan: cut to fit: {snapshot.file_count} files in full, {snapshot.outline_count} outlined, "
+        f"{len(fit.omitted)} omitted"
+    )
+    print(f"  {'tier':<28}{'in full':>14}{'outlined':>14}{'omitted':>14}   (tokens of the files in full)")
+    for name in TIER_NAMES:
+        if name in fit.tiers:
+            full, outlined, omitted = fit.tiers[name]
+            print(f"  {name:<28}{full:>14,}{outlined:>14,}{omitted:>14,}")
 
 
 def closing_block(text: str, tag: str) -> str:
@@ -53,6 +79,9 @@ def run(argv: Sequence[str]) -> int:
     args = parser().parse_args(argv)
     options = {
         "git_repo_path": args.repo,
+        "max_context_tokens": args.window,
+        "bytes_per_token": args.bytes_per_token,
+        "include_first": args.include_first,
         "max_file_bytes": args.max_file_bytes,
         "max_snapshot_bytes": args.max_snapshot_bytes,
         "max_diff_bytes": args.max_diff_bytes,
@@ -63,7 +92,10 @@ def run(argv: Sequence[str]) -> int:
         # The proxy's own provider, its change monitor not started: one read, as the proxy would make it.
         provider = context_provider(settings, watch=False)
         repo = provider.repo
-        context = asyncio.run(provider.current())
+        window = effective_window(settings.max_context_tokens, ContextWindow(None, "the preview asks no server"))
+        assert window.tokens is not None
+        budget = window_budget(settings, window.tokens, estimate(settings))
+        context = asyncio.run(provider.current(budget))
     except (ConfigError, GitError, ValueError) as e:
         print(f"preview: {e}", file=sys.stderr)
         return 2
@@ -81,12 +113,13 @@ def run(argv: Sequence[str]) -> int:
         print("layout: per-commit")
     print(
         f"snapshot: {snapshot.file_count} files, {snapshot.symlink_count} symbolic links, "
-        f"{snapshot.skipped_count} left out; {human_bytes(snapshot_bytes)}, {tokens(snapshot_bytes)}"
+        f"{snapshot.skipped_count} left out; {human_bytes(snapshot_bytes)}"
     )
     print(
         f"working diff: {diff.included_files} files, {diff.left_out_files} left out; "
-        f"{human_bytes(diff_bytes)}, {tokens(diff_bytes)}"
+        f"{human_bytes(diff_bytes)}, ~{budget.measure.count([diff.text])[0]:,} tokens"
     )
+    print_plan(snapshot, window, budget.tokens)
     print()
     print(closing_block(snapshot.base_text, "snapshot_info"), end="")
     info = closing_block(diff.text, "diff_info")

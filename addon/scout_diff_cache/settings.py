@@ -109,8 +109,37 @@ class Settings(BaseModel):
     )
     count_snapshot_tokens: bool = Field(
         True,
-        description="Ask the upstream's /tokenize once per snapshot for its exact token count "
-        "(else it is estimated from each answer's prompt_tokens).",
+        description="Count tokens with the upstream's /tokenize: fitting to the window exactly, and each "
+        "snapshot's exact count for the verdict (false: estimates, BYTES_PER_TOKEN).",
+    )
+    max_context_tokens: int | None = Field(
+        None,
+        ge=1024,
+        description="The model's context window in tokens; unset: learned from the upstream (vLLM /v1/models "
+        "max_model_len, llama.cpp /props n_ctx), else 131072.",
+    )
+    snapshot_window_percent: int = Field(
+        75,
+        ge=10,
+        le=95,
+        description="Message 1's share (base snapshot plus history) of the window less ANSWER_RESERVE_TOKENS; "
+        "the rest is for the working diff and the conversation. A repository larger is cut to fit.",
+    )
+    answer_reserve_tokens: int = Field(
+        4096,
+        ge=0,
+        description="Tokens kept for the answer when a request sets neither max_tokens nor max_completion_tokens.",
+    )
+    bytes_per_token: float = Field(
+        3.0,
+        gt=0.5,
+        le=16,
+        description="Without the upstream's tokenizer, tokens are estimated as bytes divided by this.",
+    )
+    include_first: tuple[str, ...] = Field(
+        (),
+        description="Paths (gitignore syntax, comma-separated in the environment) kept in full first when the "
+        "repository does not fit the window.",
     )
     layout: Literal["append", "per-commit"] = Field(
         "append",
@@ -162,7 +191,7 @@ class Settings(BaseModel):
             raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
         return value
 
-    @field_validator("exclude_path_patterns", "allowed_origins", "allowed_hosts", mode="before")
+    @field_validator("exclude_path_patterns", "allowed_origins", "allowed_hosts", "include_first", mode="before")
     @classmethod
     def _split_patterns(cls, value: object) -> object:
         if isinstance(value, str):
@@ -171,7 +200,7 @@ class Settings(BaseModel):
             return tuple(str(p).strip() for p in value if str(p).strip())
         return value
 
-    @field_validator("target_api_key", "proxy_api_key", "upstream_model", mode="before")
+    @field_validator("target_api_key", "proxy_api_key", "upstream_model", "max_context_tokens", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

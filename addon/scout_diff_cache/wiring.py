@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from .context.fit import WindowBudget
 from .context.history import HistoryLimits
 from .context.provider import BuildObserver, ContextProvider
 from .context.snapshot import SnapshotLimits
+from .context.tokens import BytesPerTokenRule, TokenMeasure
 from .context.workdiff import DiffLimits
 from .git.exclusions import PathFilter
 from .git.repo import GitRepo
@@ -38,3 +40,19 @@ def context_provider(settings: Settings, observer: BuildObserver | None = None, 
     if watch:
         monitor.start()
     return provider
+
+
+def message_share(settings: Settings, window_tokens: int) -> int:
+    """Message 1's share of the window: SNAPSHOT_WINDOW_PERCENT of the window less the answer's reserve."""
+    usable = max(window_tokens - settings.answer_reserve_tokens, window_tokens // 2)
+    return usable * settings.snapshot_window_percent // 100
+
+
+def window_budget(settings: Settings, window_tokens: int, measure: TokenMeasure) -> WindowBudget:
+    include_first = PathFilter(settings.include_first) if settings.include_first else None
+    return WindowBudget(message_share(settings, window_tokens), measure, include_first)
+
+
+def estimate(settings: Settings) -> TokenMeasure:
+    """The measure without the upstream's tokenizer."""
+    return BytesPerTokenRule(settings.bytes_per_token)

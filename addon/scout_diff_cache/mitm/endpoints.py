@@ -14,6 +14,7 @@ from ..context.provider import ContextProvider
 from ..git.repo import GitError
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..settings import Settings
+from .fitting import fitted_context
 from .hooks import error_response, json_response, request_hook
 from .state import ScoutState
 
@@ -45,10 +46,9 @@ class LocalEndpoints:
             "inject_context": settings.inject_context,
             "model": settings.model_id,
             "watching_changes": provider.monitor.watching,
-            "window": self.state.window.as_dict(),
         }
         try:
-            context = await provider.current()
+            context, window, budget = await fitted_context(self.state, settings, provider)
         except GitError as e:
             report.update(status="error", error=str(e))
             return json_response(503, report)
@@ -65,6 +65,14 @@ class LocalEndpoints:
                 "left_out": snapshot.skipped_count,
             },
             diff={"bytes": diff.size, "files": diff.included_files, "left_out": diff.left_out_files},
+            window={
+                "tokens": window.tokens,
+                "source": window.source,
+                "learned": self.state.window.as_dict(),
+                "message_1_share_tokens": budget.tokens,
+                "counted_by": budget.measure.name,
+            },
+            fit=snapshot.fit.as_dict() | {"history_tokens": snapshot.tail_tokens} if snapshot.fit else None,
             snapshot_builds=provider.snapshot_builds,
             cache=self.state.tracker.recent_summary(),
         )

@@ -19,15 +19,18 @@ from mitmproxy import http
 
 from ..chat.body import decoded_body
 from ..chat.errors import ApiError
+from ..chat.fit import Fit, Window
 from ..chat.request import AssembledBody, BadRequest, ChatRequest, assemble_body, is_json_media_type, parse_chat_request
 from ..chat.routes import CHAT_PATH, is_chat_route, is_near_chat_route, route_path
 from ..chat.usage import ask_for_stream_usage
+from ..context.fit import WindowBudget
 from ..context.framing import strip_context
 from ..context.provider import ContextProvider, RepoContext
 from ..git.repo import GitError
 from ..observe.verdict import tools_key
 from ..settings import Settings
 from ..text import human_bytes, short_commit
+from .fitting import fit_chat, fitted_context
 from .hooks import error_response, request_hook
 from .state import METADATA_KEY, ChatRecord, ScoutState
 
@@ -102,7 +105,15 @@ class ContextInjection:
         client_model = chat.fields.get("model")
         if isinstance(client_model, str) and client_model:
             self.state.last_model = client_model
-        context = await context_or_error(provider)
+        context, window, budget = await context_or_error(self.state, settings, provider)
+        fit = await fit_chat(self.state, settings, context, chat, window=window, budget=budget)
+        if fit.diff_cut:
+            logger.info(
+                "working diff cut to %d of its files so the request fits the window of %d tokens",
+                fit.diff.included_files,
+                window.tokens,
+            )
+        context = RepoContext(context.snapshot, fit.diff)
         assembled = assemble_body(
             chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model
         )
@@ -125,9 +136,10 @@ class ContextInjection:
             usage_added=usage_added,
             messages_bytes=len(body) - assembled.context_spans[0][0],
             started=started,
+            diff_cut=fit.diff_cut,
         )
         self.state.metrics.injected(len(body), context.diff.size)
-        annotate(flow, context, assembled)
+        annotate(flow, context, assembled, fit_record(fit, window))
         flow.metadata[METADATA_KEY].update(expected=history.expectation(), stream_usage_added=usage_added)
         logger.debug(
             "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
@@ -167,16 +179,33 @@ def replayed_client_body(flow: http.HTTPFlow) -> bytes | None:
         return None
 
 
-async def context_or_error(provider: ContextProvider) -> RepoContext:
+async def context_or_error(
+    state: ScoutState, settings: Settings, provider: ContextProvider
+) -> tuple[RepoContext, Window, WindowBudget]:
     try:
-        return await provider.current()
+        return await fitted_context(state, settings, provider)
     except GitError as e:
         raise ApiError(500, f"cannot read the git repository: {e}", "server_error", "git_error") from None
 
 
-def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody) -> None:
+def fit_record(fit: Fit, window: Window) -> dict[str, object]:
+    """How the request was fitted to the window, for mitmweb's view and the verdict."""
+    return {
+        "window_tokens": window.tokens,
+        "window_source": window.source,
+        "context_tokens": fit.context_tokens,
+        "diff_tokens": fit.diff_tokens,
+        "messages_tokens": fit.messages_tokens,
+        "answer_tokens": fit.answer_tokens,
+        "counted_by": fit.counted_by,
+        "diff_cut": fit.diff_cut,
+    }
+
+
+def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody, fit: dict[str, object]) -> None:
     """The flow's metadata (small: sizes and spans, no snapshot) and its mitmweb comment."""
     snapshot_span, diff_span = assembled.context_spans
+    snapshot_fit = context.snapshot.fit
     flow.metadata[METADATA_KEY] = {
         "commit": context.snapshot.commit,
         "snapshot_bytes": context.snapshot.size,
@@ -192,8 +221,13 @@ def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody
         "diff_files": context.diff.included_files,
         "diff_span": diff_span,
         "body_bytes": len(assembled.body),
+        "fit": fit,
+        "snapshot_fit": snapshot_fit.as_dict() if snapshot_fit else None,
     }
+    cut = ""
+    if snapshot_fit is not None and snapshot_fit.cut:
+        cut = f" · cut to fit: {context.snapshot.outline_count} outlined, {len(snapshot_fit.omitted)} omitted"
     flow.comment = (
-        f"snap {short_commit(context.snapshot.commit)} · {human_bytes(context.snapshot.size)} · "
-        f"diff {human_bytes(context.diff.size)}"
+        f"snap {short_commit(context.snapshot.commit)} · {human_bytes(context.snapshot.size)}{cut} · "
+        f"diff {human_bytes(context.diff.size)}{' (cut to fit)' if fit['diff_cut'] else ''}"
     )

@@ -6,6 +6,7 @@ metadata on every save and backup, and a record holds the snapshot it was sent w
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from ..chat.errors import ApiError
@@ -14,6 +15,7 @@ from ..context.provider import ContextProvider
 from ..context.snapshot import Snapshot
 from ..observe.metrics import ProxyMetrics
 from ..observe.tokencount import TokenCounter
+from ..observe.tokenizer import UpstreamTokenizer
 from ..observe.verdict import CacheTracker, SendHistory
 from ..observe.window import UNKNOWN, ContextWindow
 from ..settings import Settings
@@ -38,6 +40,7 @@ class ChatRecord:
     authorization: str | None = None
     tap: StreamUsageTap | None = None
     proxy_error: ApiError | None = None  # the proxy answered it itself, after the rewrite
+    diff_cut: bool = False  # the working diff was cut so the request fits the window
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ScoutState:
     last_model: str | None = None  # the model clients last asked for, for prewarm requests
     spliced_bytes: int = 0  # request bytes built since the last full garbage collection
     window: ContextWindow = UNKNOWN  # the upstream's context window, as it reports it
+    tokenizer: UpstreamTokenizer | None = None  # the upstream's tokenize API, when it has one
+    learning: asyncio.Task[None] | None = None  # the window and tokenizer being asked for
 
     def configured(self) -> tuple[Settings, ContextProvider]:
         """Settings and provider; a 503 until configure succeeded (only between a bad setting and exit)."""

@@ -127,13 +127,18 @@ class CacheVerdicts:
             result += f" · stream copy for mitmweb cut at {human_bytes(RECORDED_STREAM_LIMIT)}"
         if verdict is not None or status != "-":
             flow.comment = f"{flow.comment} · {result}" if flow.comment else result
+        fit = record.snapshot.fit
         logger.info(
-            "chat %s in %.2f s · snap %s · %s · diff %s%s · %s%s",
+            "chat %s in %.2f s · snap %s · %s%s · diff %s%s%s · %s%s",
             status,
             time.perf_counter() - record.started,
             short_commit(record.snapshot.commit),
             human_bytes(record.snapshot.size),
+            f" (cut to fit the window: {record.snapshot.outline_count} outlined, {len(fit.omitted)} omitted)"
+            if fit is not None and fit.cut
+            else "",
             human_bytes(record.diff_bytes),
+            " (cut to fit the window)" if record.diff_cut else "",
             token_figures(verdict, usage),
             result if verdict is not None else f"no verdict ({result})",
             f" - {verdict.detail}" if verdict is not None and verdict.cause else "",

@@ -1,4 +1,9 @@
-"""The upstream's context window: learned at start and, while unknown, again after answers; shown in /health."""
+"""The upstream's context window and tokenizer: learned at start and whenever the upstream comes back.
+
+Asked in a thread, never on a request's path: at start, again after answers while the window is
+unknown (the server may start after the proxy), and after the upstream failed and answers again
+(it may have restarted with another ``--max-model-len`` or ``--ctx-size``). Shown in /health.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 
 from mitmproxy import ctx, http
 
+from ..observe.tokenizer import TokenizerEndpoint, UpstreamTokenizer, probe_tokenizer
 from ..observe.window import ContextWindow, learn_window
 from .prewarm import reverse_target
 from .state import ScoutState
@@ -15,29 +21,43 @@ from .state import ScoutState
 logger = logging.getLogger(__name__)
 
 RETRY_SECONDS = 30.0  # while the window is unknown, asked again after an answer at most this often
+UPSTREAM_FAILED = (502, 503, 504)
 
 
 class WindowLearner:
     def __init__(self, state: ScoutState) -> None:
         self.state = state
-        self._asking: asyncio.Task[None] | None = None
         self._last_asked = float("-inf")
+        self._upstream_failed = False
 
     def running(self) -> None:
         self._ask()
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if self.state.window.tokens is None and time.monotonic() - self._last_asked >= RETRY_SECONDS:
-            self._ask()  # the upstream answers now: it may have started after the proxy
+        status = flow.response.status_code if flow.response else 0
+        if status in UPSTREAM_FAILED:
+            self._upstream_failed = True
+            return
+        came_back = self._upstream_failed
+        unknown = self.state.window.tokens is None and time.monotonic() - self._last_asked >= RETRY_SECONDS
+        if came_back or unknown:
+            self._upstream_failed = False
+            self._ask()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._upstream_failed = True
 
     def done(self) -> None:
-        if self._asking is not None:
-            self._asking.cancel()
+        if self.state.learning is not None:
+            self.state.learning.cancel()
+        if self.state.tokenizer is not None:
+            self.state.tokenizer.close()
 
     def _ask(self) -> None:
         settings = self.state.settings
         base_url = reverse_target(ctx.options.mode)
-        if settings is None or base_url is None or (self._asking is not None and not self._asking.done()):
+        learning = self.state.learning
+        if settings is None or base_url is None or (learning is not None and not learning.done()):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -46,14 +66,32 @@ class WindowLearner:
         self._last_asked = time.monotonic()
         model = settings.upstream_model or self.state.last_model
         authorization = f"Bearer {settings.target_api_key}" if settings.target_api_key else None
-        verify = not ctx.options.ssl_insecure
-        self._asking = loop.create_task(self._learn(base_url, model, authorization, verify))
+        endpoint = TokenizerEndpoint(base_url, model, authorization, not ctx.options.ssl_insecure)
+        self.state.learning = loop.create_task(self._learn(endpoint, settings.count_snapshot_tokens))
 
-    async def _learn(self, base_url: str, model: str | None, authorization: str | None, verify: bool) -> None:
-        window = await asyncio.to_thread(learn_window, base_url, model, authorization, verify)
+    async def _learn(self, endpoint: TokenizerEndpoint, count_tokens: bool) -> None:
+        window = await asyncio.to_thread(
+            learn_window, endpoint.base_url, endpoint.model, endpoint.authorization, endpoint.verify_tls
+        )
         if window != self.state.window:
             self._report(window)
         self.state.window = window
+        if count_tokens and window.tokens is not None:
+            kind = await asyncio.to_thread(probe_tokenizer, endpoint)
+            self._use_tokenizer(endpoint, kind)
+
+    def _use_tokenizer(self, endpoint: TokenizerEndpoint, kind: str | None) -> None:
+        current = self.state.tokenizer
+        if kind is None:
+            if current is not None:
+                current.close()
+            self.state.tokenizer = None
+            logger.warning("the upstream offers no tokenizer: requests are fitted to the window by estimate")
+        elif current is None or current.endpoint != endpoint or current.kind != kind:
+            if current is not None:
+                current.close()
+            self.state.tokenizer = UpstreamTokenizer(endpoint, "vllm" if kind == "vllm" else "llama.cpp")
+            logger.info("token counts: %s", self.state.tokenizer.name)
 
     @staticmethod
     def _report(window: ContextWindow) -> None:

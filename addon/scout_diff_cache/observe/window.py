@@ -73,3 +73,15 @@ def learn_window(base_url: str, model: str | None, authorization: str | None, ve
     if models is None:
         return ContextWindow(None, "upstream not reachable")
     return ContextWindow(None, "the upstream reports no window (neither max_model_len nor /props n_ctx)")
+
+
+DEFAULT_CONTEXT_TOKENS = 131072  # README "Fitting the context window": assumed when nothing says otherwise
+
+
+def effective_window(configured: int | None, learned: ContextWindow) -> ContextWindow:
+    """The window requests are fitted to: MAX_CONTEXT_TOKENS, else the learned one, else the default."""
+    if configured is not None:
+        return ContextWindow(configured, "MAX_CONTEXT_TOKENS")
+    if learned.tokens is not None:
+        return learned
+    return ContextWindow(DEFAULT_CONTEXT_TOKENS, f"default; not learned: {learned.source}; set MAX_CONTEXT_TOKENS")

@@ -216,6 +216,28 @@ def _display_path(path: str) -> str:
     return display(path.encode("utf-8", "replace"))
 
 
+def window_lines(proxy_metadata: Mapping[str, Any]) -> list[str]:
+    """How the snapshot and the request were fitted to the model's window, as the proxy recorded it."""
+    lines = []
+    snapshot_fit, fit = proxy_metadata.get("snapshot_fit"), proxy_metadata.get("fit")
+    if isinstance(snapshot_fit, Mapping) and snapshot_fit.get("cut_to_fit"):
+        lines.append(
+            f"cut to fit the window: {inline(snapshot_fit.get('planned_tokens'))} of the repository's "
+            f"{inline(snapshot_fit.get('repository_tokens'))} tokens; "
+            f"{inline(snapshot_fit.get('outlined_files'))} files outlined, "
+            f"{inline(snapshot_fit.get('omitted_files'))} omitted "
+            f"(counted by: {inline(snapshot_fit.get('counted_by'))})"
+        )
+    if isinstance(fit, Mapping):
+        lines.append(
+            f"window: {inline(fit.get('window_tokens'))} tokens ({inline(fit.get('window_source'))}); this request: "
+            f"message 1 {inline(fit.get('context_tokens'))}, diff {inline(fit.get('diff_tokens'))}"
+            f"{' (cut to fit)' if fit.get('diff_cut') else ''}, messages {inline(fit.get('messages_tokens'))}, "
+            f"answer {inline(fit.get('answer_tokens'))} (counted by: {inline(fit.get('counted_by'))})"
+        )
+    return lines
+
+
 def snapshot_section(
     position: int,
     text: EncodedText,
@@ -253,6 +275,7 @@ def snapshot_section(
             f"files: {count(summary.file_count)}, symbolic links: {count(summary.symlink_count)}, "
             f"bytes of file blocks: {count(summary.block_bytes)}"
         )
+        lines.extend(window_lines(proxy_metadata))
         left_out = summary.left_out_count
         lines.append(f"left out: {left_out:,}" if left_out else "left out: none")
         for title, items in summary.left_out:

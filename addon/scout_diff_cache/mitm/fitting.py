@@ -1,0 +1,107 @@
+"""Every chat request fits the model's window: message 1 planned for its share, the request checked.
+
+The window is MAX_CONTEXT_TOKENS, else the upstream's as learned (``window.py``; the first
+requests wait for it a little), else the documented default. Counting is exact through the
+upstream's tokenizer when it has one; if it fails mid-way the proxy falls back to the estimate
+for that request and asks for the tokenizer again later, and never fails a request for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ..chat.fit import Fit, Window, answer_tokens, fit_request, fits_by_bound
+from ..chat.request import ChatRequest
+from ..context.fit import WindowBudget
+from ..context.provider import ContextProvider, RepoContext
+from ..context.tokens import TokenMeasure
+from ..observe.tokenizer import TokenizeFailed
+from ..observe.window import effective_window
+from ..settings import Settings
+from ..wiring import estimate, window_budget
+from .state import ScoutState
+
+logger = logging.getLogger(__name__)
+
+LEARN_WAIT_SECONDS = 3.0  # a first request waits this long at most for the window to be learned
+
+
+async def current_window(state: ScoutState, settings: Settings) -> Window:
+    learning = state.learning
+    if settings.max_context_tokens is None and learning is not None and not learning.done():
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(learning), LEARN_WAIT_SECONDS)
+    window = effective_window(settings.max_context_tokens, state.window)
+    assert window.tokens is not None
+    return Window(window.tokens, window.source)
+
+
+def measure_for(state: ScoutState, settings: Settings) -> TokenMeasure:
+    if settings.count_snapshot_tokens and state.tokenizer is not None:
+        return state.tokenizer
+    return estimate(settings)
+
+
+def _tokenizer_failed(state: ScoutState, error: TokenizeFailed) -> None:
+    logger.warning("the upstream's tokenizer failed (%s): counting by estimate until it is found again", error)
+    if state.tokenizer is not None:
+        state.tokenizer.close()
+    state.tokenizer = None
+
+
+async def fitted_context(
+    state: ScoutState, settings: Settings, provider: ContextProvider
+) -> tuple[RepoContext, Window, WindowBudget]:
+    """HEAD's context with message 1 fitted to its share of the window."""
+    window = await current_window(state, settings)
+    budget = window_budget(settings, window.tokens, measure_for(state, settings))
+    try:
+        return await provider.current(budget), window, budget
+    except TokenizeFailed as e:
+        _tokenizer_failed(state, e)
+    budget = window_budget(settings, window.tokens, estimate(settings))
+    return await provider.current(budget), window, budget
+
+
+async def fit_chat(
+    state: ScoutState,
+    settings: Settings,
+    context: RepoContext,
+    chat: ChatRequest,
+    *,
+    window: Window,
+    budget: WindowBudget,
+) -> Fit:
+    """The request as it fits (the diff maybe cut), or ApiError 400 context_length_exceeded."""
+    context_tokens = context.snapshot.planned_tokens
+    assert context_tokens is not None
+    answer, _ = answer_tokens(chat.fields, settings.answer_reserve_tokens)
+    quick = fits_by_bound(window, context_tokens, context.diff, chat, answer)
+    if quick is not None:
+        return quick
+    tokenizer = state.tokenizer if budget.measure is state.tokenizer else None
+    try:
+        return await asyncio.to_thread(
+            fit_request,
+            window,
+            context_tokens,
+            context.diff,
+            chat,
+            reserve=settings.answer_reserve_tokens,
+            measure=budget.measure,
+            count_chat=tokenizer.count_chat if tokenizer is not None else None,
+        )
+    except TokenizeFailed as e:
+        _tokenizer_failed(state, e)
+    return await asyncio.to_thread(
+        fit_request,
+        window,
+        context_tokens,
+        context.diff,
+        chat,
+        reserve=settings.answer_reserve_tokens,
+        measure=estimate(settings),
+        count_chat=None,
+    )
