@@ -13,6 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mitmproxy import contentviews, http
+from mitmproxy.test import taddons, tflow
+
+from inprocess import ScoutAddons
 from support import Proxy, Repo, Upstream
 
 StartProxy = Callable[..., Proxy]
@@ -166,3 +170,21 @@ def test_without_a_window_from_the_upstream_the_default_is_used_and_said(
     assert window["tokens"] == 131072 and window["source"].startswith("default; not learned")
     assert window["counted_by"].startswith("estimate")
     assert "upstream context window unknown" in proxy.log()
+
+
+async def test_mitmweb_shows_how_the_request_was_fitted(
+    addon: ScoutAddons, make_repo: Callable[..., Repo], upstream: Upstream
+) -> None:
+    """The content view mitmweb renders for a rewritten flow says the window, the cut and the counts."""
+    repo = make_repo(three_windows())
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, scout_git_repo_path=str(repo.path), scout_max_context_tokens="16384")
+        request = http.Request.make("POST", f"{upstream.url}/v1/chat/completions", chat_body("hi"))
+        flow = tflow.tflow(req=request, resp=False)
+        await addon.send_request(flow)
+        assert flow.response is None  # forwarded
+        assert "cut to fit:" in flow.comment and "outlined" in flow.comment
+        shown = contentviews.prettify_message(flow.request, flow)
+        assert shown.view_name == "Scout chat", shown.description
+        assert re.search(r"cut to fit the window: \d+ of the repository's \d+ tokens; \d+ files outlined", shown.text)
+        assert "window: 16384 tokens (MAX_CONTEXT_TOKENS); this request: message 1 " in shown.text

@@ -133,8 +133,9 @@ def too_long(window: Window, fit: Fit, answer_source: str) -> ApiError:
     return ApiError(
         400,
         f"This request needs about {fit.total} tokens but the model's context window is {window.tokens} "
-        f"({window.source}), {fit.total - window.tokens} over, even with the working diff cut to its list of "
-        f"files: the repository context (message 1) takes {fit.context_tokens}, the working diff "
+        f"({window.source}), {fit.total - window.tokens} over"
+        f"{', even with the working diff cut to its list of files' if fit.diff_cut else ''}: "
+        f"the repository context (message 1) takes {fit.context_tokens}, the working diff "
         f"{fit.diff_tokens}, your messages {fit.messages_tokens}, and the answer {fit.answer_tokens} "
         f"({answer_source}). Shorten the conversation (or start a new one), lower "
         "max_tokens, or give the repository a smaller share of the window (SNAPSHOT_WINDOW_PERCENT).",

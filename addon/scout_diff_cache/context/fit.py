@@ -9,8 +9,9 @@ keeps its bytes. Steps:
    for outlines. Files are taken in full in priority order (``tiers.py``) while they fit; a file
    that does not fit is passed over and smaller ones after it are still tried.
 3. The files not taken get an outline (``outline.py``), in the same order, while outlines fit in
-   what is left; then files not taken yet go in full if they fit in what remains; the rest are
-   listed by path with their token counts.
+   what is left (made ``OUTLINE_BATCH`` at a time; a batch of which none fits ends it); then
+   files not taken yet go in full if they fit in what remains; the rest are listed by path with
+   their token counts.
 
 Rendering stays in bytewise path order: selection only decides what is in and in which form.
 """
@@ -21,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..git.exclusions import PathFilter
-from .outline import language_of, outline_block, outline_text
-from .tiers import TIER_NAMES, priorities, reference_counts, tier_of
+from .outline import clear_outlines, language_of, outline_block, outline_text
+from .tiers import TIER_NAMES, clear_reference_scans, priorities, reference_counts, tier_of
 from .tokens import BYTE_BOUND, TokenMeasure
 
 LISTING_PERCENT = 5
@@ -30,6 +31,12 @@ OUTLINE_PERCENT = 20
 BLOCK_SLACK_TOKENS = 1  # counted apart, a block's edges can tokenize one token differently than joined
 TEMPLATE_TOKENS = 64  # the chat template's tokens around a system message, with room to spare
 OUTLINE_BATCH = 64  # outlines are made and counted this many at a time, in priority order
+
+
+def clear_caches() -> None:
+    """Forget every cached outline and reference scan (the benchmark's cold runs)."""
+    clear_outlines()
+    clear_reference_scans()
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ def choose(
     for start in range(0, len(outlinable), OUTLINE_BATCH):
         if left <= BLOCK_SLACK_TOKENS:
             break
+        before = left
         batch = []
         for path in outlinable[start : start + OUTLINE_BATCH]:
             index = index_of[path]
@@ -150,6 +158,8 @@ def choose(
                 left -= tokens + BLOCK_SLACK_TOKENS
                 used += tokens + BLOCK_SLACK_TOKENS
                 report.outlined.append(Outlined(path, tokens, counts[index_of[path]]))
+        if left == before:
+            break  # a whole batch too large for what is left: stop parsing (the rest is listed)
     for path in order:  # what the outlines left: small files passed over, in full after all
         cost = counts[index_of[path]] + BLOCK_SLACK_TOKENS
         if path not in chosen and cost <= left:

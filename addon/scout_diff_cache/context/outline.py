@@ -144,5 +144,10 @@ def outline_text(path: bytes, data: bytes) -> str | None:
     return outline
 
 
+def clear_outlines() -> None:
+    with _outlines_lock:
+        _outlines.clear()
+
+
 def outline_block(path: bytes, outline: str, full_tokens: int) -> str:
     return f"<outline path={quoted(path)} full_tokens={full_tokens}>\n{outline}</outline>\n"

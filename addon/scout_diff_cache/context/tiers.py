@@ -137,6 +137,11 @@ def _referenced_names(text: str) -> frozenset[str]:
     return names
 
 
+def clear_reference_scans() -> None:
+    with _names_lock:
+        _names_by_text.clear()
+
+
 def reference_counts(contents: Mapping[bytes, str]) -> dict[bytes, int]:
     """For each path, how many other files reference its name (module docstring)."""
     names = {path: reference_name(path) for path in contents}
