@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from scout_diff_cache.context.fit import clear_caches
 from scout_diff_cache.context.snapshot import PREAMBLE, Snapshot, SnapshotLimits, build_snapshot
-from scout_diff_cache.context.tiers import TIER_NAMES
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.preview import plan_lines
 from scout_diff_cache.settings import Settings
 from scout_diff_cache.wiring import estimate, window_budget
 from support import Repo
@@ -67,20 +67,8 @@ def git_archive_seconds(path: Path) -> float:
 
 
 def report(window: int, snapshot: Snapshot, share: int) -> None:
-    fit = snapshot.fit
-    assert fit is not None
     print(f"\n=== window {window:,} tokens: message 1's share {share:,} ===")
-    print(f"repository: {fit.repository_tokens:,} tokens; planned: {snapshot.planned_tokens:,} ({fit.measure})")
-    print(
-        f"files in full {snapshot.file_count:,} · outlined {snapshot.outline_count:,} · omitted {len(fit.omitted):,}"
-        f"{' (everything fits)' if not fit.cut else ''}"
-    )
-    if fit.cut:
-        print(f"  {'tier':<28}{'in full':>14}{'outlined':>14}{'omitted':>14}   (tokens of the files in full)")
-        for name in TIER_NAMES:
-            if name in fit.tiers:
-                full, outlined, omitted = fit.tiers[name]
-                print(f"  {name:<28}{full:>14,}{outlined:>14,}{omitted:>14,}")
+    print("\n".join(plan_lines(snapshot)))
 
 
 def main() -> None:

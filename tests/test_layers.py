@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "addon" / "scout_diff_cache"
 # Lowest first. A module may import its own layer and the ones before it.
 LAYERS: list[set[str]] = [
-    {"text", "settings"},
+    {"text", "settings", "memo"},
     {"git"},
     {"context"},
     {"chat"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -52,7 +53,9 @@ def test_preview_lists_what_is_sent_and_what_is_left_out(make_repo: Callable[...
     assert f"commit: {repo.head()}" in out
     assert "snapshot: 1 files, 0 symbolic links, 3 left out" in out
     assert "working diff: 2 files, 0 left out" in out
-    assert "tokens (estimate" in out
+    assert "window: 131072 tokens (default; not learned: the preview asks no server; set MAX_CONTEXT_TOKENS)" in out
+    assert "tokens counted by: byte bound (1 token per byte)" in out  # fits by its bytes: nothing to count
+    assert "plan: every file in full (the repository fits its share)" in out
     assert "binary files, not included (1):\n  logo.bin (3 bytes)" in out
     assert "files over the per-file limit of 200 bytes, not included (1):\n  big.txt (301 bytes)" in out
     assert "files excluded by path pattern (1):\n  package-lock.json" in out
@@ -124,3 +127,25 @@ def test_preview_errors_are_clear(tmp_path: Path) -> None:
     assert "unknown command" in result.stderr
     assert preview([], {}, tmp_path).returncode == 2
     assert preview(["--help"], {}, tmp_path).returncode == 0
+
+
+def test_preview_prints_the_plan_for_a_window(make_repo: Callable[..., Repo], tmp_path: Path) -> None:
+    """--window: the repository cut to fit, the plan per tier, what was outlined and omitted."""
+    files = {f"src/mod{i}.py": "".join(f"def f{i}_{n}(x):\n    return x * {n}\n" for n in range(60)) for i in range(12)}
+    files.update({f"tests/test_mod{i}.py": "def test_it():\n    assert True\n" * 40 for i in range(4)})
+    files["README.md"] = "# Project\n" + "Some words.\n" * 200
+    repo = make_repo(files)
+    result = preview(
+        ["preview", "--repo", str(repo.path), "--window", "8192", "--include-first", "tests/test_mod2.py"], {}, tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "window: 8192 tokens (MAX_CONTEXT_TOKENS); message 1's share: 3072 tokens" in out
+    assert "tokens counted by: estimate (3 bytes per token; the upstream offers no tokenizer)" in out
+    plan = re.search(r"plan: cut to fit: (\d+) files in full, (\d+) outlined, (\d+) omitted", out)
+    assert plan is not None, out
+    assert int(plan.group(1)) > 0 and int(plan.group(2)) > 0 and int(plan.group(3)) > 0
+    assert re.search(r"^  include_first +[1-9][\d,]* +0 +0$", out, flags=re.MULTILINE), out
+    assert re.search(r"^  source +[1-9][\d,]* +[1-9]", out, flags=re.MULTILINE), out
+    assert "files outlined to fit the context window (signatures only)" in out
+    assert "files omitted to fit the context window" in out

@@ -46,28 +46,28 @@ def parser() -> argparse.ArgumentParser:
     return result
 
 
-def print_plan(snapshot: Snapshot, window: ContextWindow, share: int) -> None:
+def plan_lines(snapshot: Snapshot) -> list[str]:
+    """How message 1 was fitted: the planned tokens, and per tier the tokens in full, outlined, omitted."""
     fit = snapshot.fit
     assert fit is not None
-    print(f"window: {window.tokens} tokens ({window.source}); message 1's share: {share} tokens")
-    print(f"tokens counted by: {fit.measure}")
-    print(
-        f"message 1: {snapshot.planned_tokens} tokens planned ({fit.planned_tokens} base"
-        + (f" + {snapshot.tail_tokens} history" if snapshot.tail_commits else "")
-        + f"); the repository's files: {fit.repository_tokens} tokens"
-    )
+    lines = [
+        f"tokens counted by: {fit.measure}",
+        f"message 1: {snapshot.planned_tokens:,} tokens planned ({fit.planned_tokens:,} base"
+        + (f" + {snapshot.tail_tokens:,} history" if snapshot.tail_commits else "")
+        + f"); the repository's files: {fit.repository_tokens:,} tokens",
+    ]
     if not fit.cut:
-        print("plan: every file in full (the repository fits its share)")
-        return
-    print(
-        f"plan: cut to fit: {snapshot.file_count} files in full, {snapshot.outline_count} outlined, "
-        f"{len(fit.omitted)} omitted"
+        return [*lines, "plan: every file in full (the repository fits its share)"]
+    lines.append(
+        f"plan: cut to fit: {snapshot.file_count:,} files in full, {snapshot.outline_count:,} outlined, "
+        f"{len(fit.omitted):,} omitted"
     )
-    print(f"  {'tier':<28}{'in full':>14}{'outlined':>14}{'omitted':>14}   (tokens of the files in full)")
+    lines.append(f"  {'tier':<28}{'in full':>14}{'outlined':>14}{'omitted':>14}   (tokens of the files in full)")
     for name in TIER_NAMES:
         if name in fit.tiers:
             full, outlined, omitted = fit.tiers[name]
-            print(f"  {name:<28}{full:>14,}{outlined:>14,}{omitted:>14,}")
+            lines.append(f"  {name:<28}{full:>14,}{outlined:>14,}{omitted:>14,}")
+    return lines
 
 
 def closing_block(text: str, tag: str) -> str:
@@ -119,7 +119,8 @@ def run(argv: Sequence[str]) -> int:
         f"working diff: {diff.included_files} files, {diff.left_out_files} left out; "
         f"{human_bytes(diff_bytes)}, ~{budget.measure.count([diff.text])[0]:,} tokens"
     )
-    print_plan(snapshot, window, budget.tokens)
+    print(f"window: {window.tokens} tokens ({window.source}); message 1's share: {budget.tokens} tokens")
+    print("\n".join(plan_lines(snapshot)))
     print()
     print(closing_block(snapshot.base_text, "snapshot_info"), end="")
     info = closing_block(diff.text, "diff_info")

@@ -9,15 +9,14 @@ become `` ...``. Every symbol the file defines at those levels is named; nothing
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import tree_sitter_language_pack
 
+from ..memo import ContentMemo
 from ..text import quoted
 
 LANGUAGES = {
@@ -52,9 +51,7 @@ _SKIPPED = {
 
 _QUOTES = re.compile(r"""^[rRbBuUfF]{0,2}(\"\"\"|'''|"|')|(\"\"\"|'''|"|')$""")
 _parsers = threading.local()
-_outlines: OrderedDict[bytes, str | None] = OrderedDict()
-_outlines_lock = threading.Lock()
-KEPT_OUTLINES = 65536  # a tree-sitter parser is not to be shared between threads
+_outlines: ContentMemo[str | None] = ContentMemo(65536)  # a tree-sitter parser is not to be shared between threads
 
 
 def language_of(path: bytes) -> str | None:
@@ -128,25 +125,18 @@ def outline_text(path: bytes, data: bytes) -> str | None:
     language = language_of(path)
     if language is None:
         return None
-    key = hashlib.blake2b(data, digest_size=16, person=language.encode()[:16]).digest()
-    with _outlines_lock:
-        if key in _outlines:
-            _outlines.move_to_end(key)
-            return _outlines[key]
+    return _outlines.get_or_make(ContentMemo.key(data, language), lambda: _outline(language, data))
+
+
+def _outline(language: str, data: bytes) -> str | None:
     tree = _parser(language).parse(data)
     lines: list[str] = []
     _walk(data, tree.root_node, 0, lines)
-    outline = "\n".join(lines) + "\n" if lines else None
-    with _outlines_lock:
-        _outlines[key] = outline
-        while len(_outlines) > KEPT_OUTLINES:
-            _outlines.popitem(last=False)
-    return outline
+    return "\n".join(lines) + "\n" if lines else None
 
 
 def clear_outlines() -> None:
-    with _outlines_lock:
-        _outlines.clear()
+    _outlines.clear()
 
 
 def outline_block(path: bytes, outline: str, full_tokens: int) -> str:

@@ -22,15 +22,13 @@ Ties go to the shorter path, then bytewise path order. Nothing depends on the ma
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..git.exclusions import PathFilter
+from ..memo import ContentMemo
 
 TIER_FIRST, TIER_SOURCE, TIER_BUILD, TIER_TESTS, TIER_DOCS, TIER_DATA = range(6)
 TIER_NAMES = ("include_first", "source", "build and config", "tests", "docs", "data, generated, vendored")
@@ -117,29 +115,16 @@ def reference_name(path: bytes) -> str | None:
     return stem
 
 
-_names_by_text: OrderedDict[bytes, frozenset[str]] = OrderedDict()
-_names_lock = threading.Lock()
-KEPT_NAME_SETS = 65536  # per file text: a new commit scans only the files it changed
+_referenced: ContentMemo[frozenset[str]] = ContentMemo(65536)  # per file text: a commit rescans what it changed
 
 
 def _referenced_names(text: str) -> frozenset[str]:
-    key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    with _names_lock:
-        names = _names_by_text.get(key)
-        if names is not None:
-            _names_by_text.move_to_end(key)
-            return names
-    names = frozenset(_REFERENCE.findall(text))
-    with _names_lock:
-        _names_by_text[key] = names
-        while len(_names_by_text) > KEPT_NAME_SETS:
-            _names_by_text.popitem(last=False)
-    return names
+    key = ContentMemo.key(text.encode("utf-8", "surrogatepass"))
+    return _referenced.get_or_make(key, lambda: frozenset(_REFERENCE.findall(text)))
 
 
 def clear_reference_scans() -> None:
-    with _names_lock:
-        _names_by_text.clear()
+    _referenced.clear()
 
 
 def reference_counts(contents: Mapping[bytes, str]) -> dict[bytes, int]:

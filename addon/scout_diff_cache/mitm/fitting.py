@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from ..chat.fit import Fit, Window, answer_tokens, fit_request, fits_by_bound
+from ..chat.fit import ChatCounter, Fit, Window, answer_tokens, fit_request, fits_by_bound
 from ..chat.request import ChatRequest
 from ..context.fit import WindowBudget
 from ..context.provider import ContextProvider, RepoContext
@@ -82,7 +82,8 @@ async def fit_chat(
     if quick is not None:
         return quick
     tokenizer = state.tokenizer if budget.measure is state.tokenizer else None
-    try:
+
+    async def fit(measure: TokenMeasure, count_chat: ChatCounter | None) -> Fit:
         return await asyncio.to_thread(
             fit_request,
             window,
@@ -90,18 +91,12 @@ async def fit_chat(
             context.diff,
             chat,
             reserve=settings.answer_reserve_tokens,
-            measure=budget.measure,
-            count_chat=tokenizer.count_chat if tokenizer is not None else None,
+            measure=measure,
+            count_chat=count_chat,
         )
+
+    try:
+        return await fit(budget.measure, tokenizer.count_chat if tokenizer is not None else None)
     except TokenizeFailed as e:
         _tokenizer_failed(state, e)
-    return await asyncio.to_thread(
-        fit_request,
-        window,
-        context_tokens,
-        context.diff,
-        chat,
-        reserve=settings.answer_reserve_tokens,
-        measure=estimate(settings),
-        count_chat=None,
-    )
+    return await fit(estimate(settings), None)

@@ -13,19 +13,18 @@ counts only new blocks) and asked for by ``WORKERS`` threads, each over one kept
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import ssl
 import threading
 import urllib.parse
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..chat.upstream import USER_AGENT
+from ..memo import ContentMemo
 
 TokenizerKind = Literal["vllm", "llama.cpp"]
 WORKERS = 8
@@ -130,8 +129,7 @@ class UpstreamTokenizer:
 
     endpoint: TokenizerEndpoint
     kind: TokenizerKind
-    _cache: OrderedDict[bytes, int] = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _counts: ContentMemo[int] = field(default_factory=lambda: ContentMemo(KEPT_COUNTS), repr=False)
     _local: _Connections = field(default_factory=_Connections, repr=False)
     _pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="scout tokenize"), repr=False
@@ -147,18 +145,12 @@ class UpstreamTokenizer:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Blocking; TokenizeFailed if the upstream fails to count any of them."""
-        keys = [hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest() for text in texts]
-        with self._lock:
-            known = {key: self._cache[key] for key in keys if key in self._cache}
+        keys = [ContentMemo.key(text.encode("utf-8", "surrogatepass")) for text in texts]
+        known = self._counts.known(keys)
         missing = {key: text for key, text in zip(keys, texts, strict=True) if key not in known}
-        if missing:
-            counted = list(self._pool.map(self._count_one, missing.values()))
-            fresh = dict(zip(missing, counted, strict=True))
-            with self._lock:
-                self._cache.update(fresh)
-                while len(self._cache) > KEPT_COUNTS:
-                    self._cache.popitem(last=False)
-            known.update(fresh)
+        for key, count in zip(missing, self._pool.map(self._count_one, missing.values()), strict=True):
+            self._counts.put(key, count)
+            known[key] = count
         return [known[key] for key in keys]
 
     def _count_one(self, text: str) -> int:
