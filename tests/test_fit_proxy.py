@@ -17,7 +17,7 @@ from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow
 
 from inprocess import ScoutAddons
-from support import Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream, run_upstream
 
 StartProxy = Callable[..., Proxy]
 WINDOW = 16384
@@ -188,3 +188,39 @@ async def test_mitmweb_shows_how_the_request_was_fitted(
         assert shown.view_name == "Scout chat", shown.description
         assert re.search(r"cut to fit the window: \d+ of the repository's \d+ tokens; \d+ files outlined", shown.text)
         assert "window: 16384 tokens (MAX_CONTEXT_TOKENS); this request: message 1 " in shown.text
+
+
+def test_prewarm_sends_the_fitted_message_1_the_questions_send(
+    make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    vllm_like(upstream)
+    repo = make_repo(three_windows())
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path), "PREWARM": "true"})
+    wait_for_window(proxy, WINDOW)
+    deadline = time.monotonic() + 30
+    while not upstream.chat_requests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    prewarm = upstream.chat_requests()[0]
+    assert prewarm.json()["max_tokens"] == 1
+    assert proxy.post("/v1/chat/completions", chat_body("what is core?")).status == 200
+    assert upstream.chat_requests()[-1].raw_messages()[0] == prewarm.raw_messages()[0]
+    assert len(json.loads(prewarm.raw_messages()[0])["content"]) / CHARS_PER_TOKEN < WINDOW
+
+
+def test_an_upstream_that_goes_away_keeps_the_window_it_had(
+    make_repo: Callable[..., Repo], start_proxy: StartProxy
+) -> None:
+    """Message 1's plan must not change because the model server restarts: the learned window stays."""
+    repo = make_repo({"a.py": "a = 1\n"})
+    with run_upstream() as upstream:
+        vllm_like(upstream)
+        proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+        wait_for_window(proxy, WINDOW)
+    assert proxy.post("/v1/chat/completions", chat_body("hi")).status in (502, 503)  # gone
+    assert proxy.get("/health").status == 200  # an answer: the proxy asks the upstream again ...
+    deadline = time.monotonic() + 20
+    while "not re-learned" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "upstream context window not re-learned (upstream not reachable): keeping 16384" in proxy.log()
+    window = proxy.get("/health").json()["window"]
+    assert (window["tokens"], window["source"]) == (WINDOW, "upstream GET /v1/models max_model_len")

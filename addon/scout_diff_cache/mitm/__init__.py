@@ -43,6 +43,6 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         CacheVerdicts(state),  # response: usage, verdict, headers, log line, metrics
         BodyRetention(state),  # response: trim old flows' snapshots in mitmweb
         Prewarm(state),  # running: prefill a new base upstream
-        WindowLearner(state),  # running, response, error: the upstream's window and tokenizer
+        WindowLearner(state),  # running, response: the upstream's window and tokenizer
         GcPacing(state),  # response: full collections paced by spliced bytes
     ]

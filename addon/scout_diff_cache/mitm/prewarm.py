@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from mitmproxy import ctx
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from ..context.provider import RepoContext
 from ..observe.prewarm import Prewarmer, PrewarmRequest
 from ..settings import Settings
+from .fitting import fitted_context
 from .state import ScoutState
 
 POLL_SECONDS = 0.5
@@ -63,8 +65,14 @@ class Prewarm:
         settings, provider = self.state.settings, self.state.provider
         if settings is None or provider is None or not (settings.prewarm and settings.inject_context):
             return
+
+        async def current() -> RepoContext:
+            context, _, _ = await fitted_context(self.state, settings, provider)
+            return context
+
         await self.prewarmer.poll(
-            provider,
+            provider.monitor.generation,
+            current,
             reverse_target(ctx.options.mode),
             prewarm_request(settings, self.state.last_model, not ctx.options.ssl_insecure),
         )

@@ -34,6 +34,8 @@ class WindowLearner:
         self._ask()
 
     def response(self, flow: http.HTTPFlow) -> None:
+        """A 502/503/504 (the proxy's own for a refused or silent upstream, or the upstream's) marks it
+        failed; the next other answer re-learns the window and tokenizer."""
         status = flow.response.status_code if flow.response else 0
         if status in UPSTREAM_FAILED:
             self._upstream_failed = True
@@ -43,9 +45,6 @@ class WindowLearner:
         if came_back or unknown:
             self._upstream_failed = False
             self._ask()
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._upstream_failed = True
 
     def done(self) -> None:
         if self.state.learning is not None:
@@ -73,6 +72,12 @@ class WindowLearner:
         window = await asyncio.to_thread(
             learn_window, endpoint.base_url, endpoint.model, endpoint.authorization, endpoint.verify_tls
         )
+        if window.tokens is None and self.state.window.tokens is not None:
+            # Down again, or not answering yet: the window it had stays, and so does message 1's plan.
+            logger.info(
+                "upstream context window not re-learned (%s): keeping %d", window.source, self.state.window.tokens
+            )
+            return
         if window != self.state.window:
             self._report(window)
         self.state.window = window

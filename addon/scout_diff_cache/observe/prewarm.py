@@ -14,12 +14,13 @@ import logging
 import threading
 import time
 import urllib.error
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..chat.request import ChatRequest, assemble_body
 from ..chat.upstream import post_json
 from ..chat.usage import UpstreamUsage, usage_from_body
-from ..context.provider import ContextProvider, RepoContext
+from ..context.provider import RepoContext
 from ..git.repo import GitError
 from ..git.watcher import Generation
 from ..text import human_bytes, short_commit
@@ -111,13 +112,22 @@ class Prewarmer:
         self._seen: Generation | None = None
         self._warmed: tuple[str, str | None] | None = None
 
-    async def poll(self, provider: ContextProvider, base_url: str | None, request: PrewarmRequest) -> None:
-        """If the repository changed since the last poll and its base is new, prefill it upstream."""
-        if provider.monitor.generation == self._seen:
+    async def poll(
+        self,
+        generation: Generation,
+        current: Callable[[], Awaitable[RepoContext]],
+        base_url: str | None,
+        request: PrewarmRequest,
+    ) -> None:
+        """If the repository changed since the last poll and its base is new, prefill it upstream.
+
+        ``current`` gives HEAD's context as requests get it (message 1 fitted to the window).
+        """
+        if generation == self._seen:
             return
-        self._seen = provider.monitor.generation
+        self._seen = generation
         try:
-            context = await provider.current()
+            context = await current()
         except GitError:
             return  # the request path reports it
         base = (base_url or "", context.snapshot.base_commit)
