@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from scout_diff_cache.chat.errors import ApiError
-from scout_diff_cache.chat.fit import Window, fit_request
+from scout_diff_cache.chat.fit import Fit, Window, fit_request
 from scout_diff_cache.chat.request import parse_chat_request
 from scout_diff_cache.context.fit import WindowBudget
 from scout_diff_cache.context.history import HistoryLimits
@@ -32,7 +32,7 @@ from scout_diff_cache.context.tiers import (
     tier_of,
 )
 from scout_diff_cache.context.tokens import BytesPerTokenRule
-from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.context.workdiff import DiffLimits, WorkingDiff, build_working_diff
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.git.watcher import ChangeMonitor
@@ -240,46 +240,40 @@ def chat(content: str, **fields: object) -> bytes:
     return json.dumps({"model": "m", "messages": [{"role": "user", "content": content}], **fields}).encode()
 
 
+def fit(window: Window, diff: WorkingDiff, body: bytes) -> Fit:
+    """A request with message 1 at 1000 tokens, one token per byte, 100 kept for the answer."""
+    return fit_request(
+        window,
+        1_000,
+        diff,
+        parse_chat_request(body),
+        client_bytes=len(body),
+        reserve=100,
+        measure=ONE_PER_BYTE,
+        count_chat=None,
+    )
+
+
 def test_the_diff_is_cut_first_then_the_proxy_answers_400(make_repo: Callable[..., Repo]) -> None:
     repo = make_repo({"a.py": "a = 1\n", "b.py": "b = 1\n", "c.py": "c = 1\n"})
     repo.write({"a.py": "a = 2\n" * 100, "b.py": "b = 2\n" * 100, "c.py": "c = 2\n" * 100})
     git_repo = GitRepo(str(repo.path))
     diff = build_working_diff(git_repo, repo.head(), DiffLimits(100_000, 1_000_000, FILTER))
     window = Window(8_000, "test")
-    fits = fit_request(
-        window, 1_000, diff, parse_chat_request(chat("hi")), reserve=100, measure=ONE_PER_BYTE, count_chat=None
-    )
+    fits = fit(window, diff, chat("hi"))
     assert not fits.diff_cut and fits.diff is diff
 
-    cut = fit_request(
-        window, 1_000, diff, parse_chat_request(chat("x" * 4_500)), reserve=100, measure=ONE_PER_BYTE, count_chat=None
-    )
+    cut = fit(window, diff, chat("x" * 4_500))
     assert cut.diff_cut and cut.total <= window.tokens
     assert cut.diff.included_files < diff.included_files
     assert "left out so the request fits the model's context window of 8000 tokens" in cut.diff.text
     assert "c.py" in cut.diff.text.split("left out so the request fits")[1]  # named, in path order
 
     with pytest.raises(ApiError) as refused:
-        fit_request(
-            window,
-            1_000,
-            diff,
-            parse_chat_request(chat("x" * 7_000)),
-            reserve=100,
-            measure=ONE_PER_BYTE,
-            count_chat=None,
-        )
+        fit(window, diff, chat("x" * 7_000))
     assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"
     assert "over" in refused.value.message and "8000" in refused.value.message
 
     with pytest.raises(ApiError) as answer_too_long:
-        fit_request(
-            window,
-            1_000,
-            diff,
-            parse_chat_request(chat("hi", max_tokens=7_500)),
-            reserve=100,
-            measure=ONE_PER_BYTE,
-            count_chat=None,
-        )
+        fit(window, diff, chat("hi", max_tokens=7_500))
     assert "max_tokens" in answer_too_long.value.message

@@ -71,17 +71,23 @@ def messages_json(chat: ChatRequest) -> str:
     return json.dumps([chat.messages, chat.fields.get("tools")], ensure_ascii=False, separators=(",", ":"))
 
 
-def messages_bound(chat: ChatRequest) -> int | None:
-    """Never fewer than the messages' prompt tokens, for text-only requests; None otherwise."""
+def messages_bound(chat: ChatRequest, client_bytes: int) -> int | None:
+    """Never fewer than the messages' prompt tokens, for text-only requests; None otherwise.
+
+    ``client_bytes``: the size of the client's (decoded) JSON body, which holds every character
+    of the messages and tools, escaped or not: no re-encoding on the event loop.
+    """
     if not has_only_text(chat):
         return None
-    return BYTE_BOUND.count([messages_json(chat)])[0] + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
+    return client_bytes + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
 
 
-def fits_by_bound(window: Window, context_tokens: int, diff: WorkingDiff, chat: ChatRequest, answer: int) -> Fit | None:
+def fits_by_bound(
+    window: Window, context_tokens: int, diff: WorkingDiff, chat: ChatRequest, *, answer: int, client_bytes: int
+) -> Fit | None:
     """The cheap check, on the event loop: a Fit if the byte bound shows it fits, else None (count it)."""
-    bound = messages_bound(chat)
-    diff_bound = BYTE_BOUND.count([diff.text])[0] + BLOCK_SLACK_TOKENS + TEMPLATE_TOKENS
+    bound = messages_bound(chat, client_bytes)
+    diff_bound = diff.size + TEMPLATE_TOKENS  # its JSON encoding: never shorter than its UTF-8 text
     if bound is not None and context_tokens + diff_bound + bound + answer <= window.tokens:
         return Fit(diff, context_tokens, diff_bound, bound, answer, BYTE_BOUND.name)
     return None
@@ -93,13 +99,14 @@ def fit_request(
     diff: WorkingDiff,
     chat: ChatRequest,
     *,
+    client_bytes: int,
     reserve: int,
     measure: TokenMeasure,
     count_chat: ChatCounter | None,
 ) -> Fit:
     """Blocking (it may ask the upstream's tokenizer): the request as it fits, or ApiError 400."""
     answer, answer_source = answer_tokens(chat.fields, reserve)
-    quick = fits_by_bound(window, context_tokens, diff, chat, answer)
+    quick = fits_by_bound(window, context_tokens, diff, chat, answer=answer, client_bytes=client_bytes)
     if quick is not None:
         return quick
     if count_chat is not None:

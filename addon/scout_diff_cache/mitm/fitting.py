@@ -71,6 +71,7 @@ async def fit_chat(
     context: RepoContext,
     chat: ChatRequest,
     *,
+    client_bytes: int,
     window: Window,
     budget: WindowBudget,
 ) -> Fit:
@@ -78,7 +79,7 @@ async def fit_chat(
     context_tokens = context.snapshot.planned_tokens
     assert context_tokens is not None
     answer, _ = answer_tokens(chat.fields, settings.answer_reserve_tokens)
-    quick = fits_by_bound(window, context_tokens, context.diff, chat, answer)
+    quick = fits_by_bound(window, context_tokens, context.diff, chat, answer=answer, client_bytes=client_bytes)
     if quick is not None:
         return quick
     tokenizer = state.tokenizer if budget.measure is state.tokenizer else None
@@ -90,6 +91,7 @@ async def fit_chat(
             context_tokens,
             context.diff,
             chat,
+            client_bytes=client_bytes,
             reserve=settings.answer_reserve_tokens,
             measure=measure,
             count_chat=count_chat,

@@ -106,7 +106,7 @@ class ContextInjection:
         if isinstance(client_model, str) and client_model:
             self.state.last_model = client_model
         context, window, budget = await context_or_error(self.state, settings, provider)
-        fit = await fit_chat(self.state, settings, context, chat, window=window, budget=budget)
+        fit = await fit_chat(self.state, settings, context, chat, client_bytes=len(body), window=window, budget=budget)
         if fit.diff_cut:
             logger.info(
                 "working diff cut to %d of its files so the request fits the window of %d tokens",
