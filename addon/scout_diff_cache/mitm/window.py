@@ -63,14 +63,16 @@ class WindowLearner:
         except RuntimeError:
             return  # hooks driven by hand, outside an event loop
         self._last_asked = time.monotonic()
-        model = settings.upstream_model or self.state.last_model
         authorization = f"Bearer {settings.target_api_key}" if settings.target_api_key else None
-        endpoint = TokenizerEndpoint(base_url, model, authorization, not ctx.options.ssl_insecure)
-        self.state.learning = loop.create_task(self._learn(endpoint, settings.count_snapshot_tokens))
+        # The tokenizer is asked with UPSTREAM_MODEL or no model (the server's own): a client's model
+        # name may be one the server does not know, and a name that changes would lose the counts.
+        endpoint = TokenizerEndpoint(base_url, settings.upstream_model, authorization, not ctx.options.ssl_insecure)
+        model = settings.upstream_model or self.state.last_model
+        self.state.learning = loop.create_task(self._learn(endpoint, model, settings.count_snapshot_tokens))
 
-    async def _learn(self, endpoint: TokenizerEndpoint, count_tokens: bool) -> None:
+    async def _learn(self, endpoint: TokenizerEndpoint, model: str | None, count_tokens: bool) -> None:
         window = await asyncio.to_thread(
-            learn_window, endpoint.base_url, endpoint.model, endpoint.authorization, endpoint.verify_tls
+            learn_window, endpoint.base_url, model, endpoint.authorization, endpoint.verify_tls
         )
         if window.tokens is None and self.state.window.tokens is not None:
             # Down again, or not answering yet: the window it had stays, and so does message 1's plan.

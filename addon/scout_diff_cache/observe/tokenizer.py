@@ -101,9 +101,14 @@ def _count_in(answer: dict[str, object], kind: TokenizerKind) -> int:
     raise TokenizeFailed("the tokenizer answered without a count")
 
 
+def _model(model: str | None) -> dict[str, object]:
+    """vLLM's tokenizers take an optional model: none means the one it serves."""
+    return {} if model is None else {"model": model}
+
+
 def text_body(kind: TokenizerKind, model: str | None, text: str) -> dict[str, object]:
     if kind == "vllm":
-        return {"model": model, "prompt": text, "add_special_tokens": False}
+        return {**_model(model), "prompt": text, "add_special_tokens": False}
     return {"content": text, "add_special": False, "parse_special": False}
 
 
@@ -161,7 +166,7 @@ class UpstreamTokenizer:
         """Blocking: the prompt tokens of a chat request's messages as the upstream's template makes them."""
         extra: dict[str, object] = {"tools": tools} if tools else {}
         if self.kind == "vllm":
-            body = {"model": self.endpoint.model, "messages": messages, "add_generation_prompt": True, **extra}
+            body = {**_model(self.endpoint.model), "messages": messages, "add_generation_prompt": True, **extra}
             return _count_in(post(self.endpoint, self._local, "/tokenize", body), "vllm")
         template = post(self.endpoint, self._local, "/apply-template", {"messages": messages, **extra})
         prompt = template.get("prompt")
