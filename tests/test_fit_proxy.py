@@ -76,6 +76,9 @@ def test_a_repository_three_times_the_window_is_cut_to_fit_and_every_question_an
     for question in ("what does core do?", "and mod07?", "list the tests"):
         reply = proxy.post("/v1/chat/completions", chat_body(question))
         assert reply.status == 200, reply.body
+        fitted = reply.headers["x-scout-window"]
+        assert fitted.startswith(f'tokens={WINDOW}; source="upstream GET /v1/models max_model_len"; message_1_tokens=')
+        assert "; cut_to_fit=true; outlined=" in fitted and 'message_1_counted_by="exact' in fitted
     first, *others = (request.raw_messages()[0] for request in upstream.chat_requests())
     assert all(other == first for other in others)  # message 1 byte-identical across questions
     text = json.loads(first)["content"]

@@ -23,7 +23,7 @@ from ..chat.fit import Fit, Window
 from ..chat.request import AssembledBody, BadRequest, ChatRequest, assemble_body, is_json_media_type, parse_chat_request
 from ..chat.routes import CHAT_PATH, is_chat_route, is_near_chat_route, route_path
 from ..chat.usage import ask_for_stream_usage
-from ..context.fit import WindowBudget
+from ..context.fit import FitReport, WindowBudget
 from ..context.framing import strip_context
 from ..context.provider import ContextProvider, RepoContext
 from ..git.repo import GitError
@@ -137,6 +137,7 @@ class ContextInjection:
             messages_bytes=len(body) - assembled.context_spans[0][0],
             started=started,
             diff_cut=fit.diff_cut,
+            window_header=window_header(fit, window, context.snapshot.fit),
         )
         self.state.metrics.injected(len(body), context.diff.size)
         annotate(flow, context, assembled, fit_record(fit, window))
@@ -200,6 +201,18 @@ def fit_record(fit: Fit, window: Window) -> dict[str, object]:
         "counted_by": fit.counted_by,
         "diff_cut": fit.diff_cut,
     }
+
+
+def window_header(fit: Fit, window: Window, snapshot_fit: FitReport | None) -> str:
+    """x-scout-window: 'tokens=N; source="..."; message_1_tokens=M; cut_to_fit=..; ...; request_counted_by=".."'."""
+    parts = [f"tokens={window.tokens}", f'source="{window.source}"', f"message_1_tokens={fit.context_tokens}"]
+    if snapshot_fit is not None:
+        parts.append(f"cut_to_fit={str(snapshot_fit.cut).lower()}")
+        if snapshot_fit.cut:
+            parts += [f"outlined={len(snapshot_fit.outlined)}", f"omitted={len(snapshot_fit.omitted)}"]
+        parts.append(f'message_1_counted_by="{snapshot_fit.measure}"')
+    parts += [f"diff_cut={str(fit.diff_cut).lower()}", f'request_counted_by="{fit.counted_by}"']
+    return "; ".join(parts)
 
 
 def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody, fit: dict[str, object]) -> None:

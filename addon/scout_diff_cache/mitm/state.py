@@ -41,6 +41,7 @@ class ChatRecord:
     tap: StreamUsageTap | None = None
     proxy_error: ApiError | None = None  # the proxy answered it itself, after the rewrite
     diff_cut: bool = False  # the working diff was cut so the request fits the window
+    window_header: str = ""  # x-scout-window: how the request was fitted to the model's window
 
 
 @dataclass

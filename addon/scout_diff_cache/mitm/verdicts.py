@@ -170,6 +170,8 @@ def add_context_headers(headers: http.Headers, record: ChatRecord) -> None:
     headers["x-scout-snapshot-bytes"] = str(record.snapshot.size)
     headers["x-scout-diff-bytes"] = str(record.diff_bytes)
     headers["x-scout-cache-expected"] = record.history.expectation()
+    if record.window_header:
+        headers["x-scout-window"] = record.window_header
 
 
 def verdict_header(verdict: CacheVerdict, usage: UpstreamUsage | None = None) -> str:
