@@ -13,7 +13,12 @@ read through git plumbing only) or, by default, a corpus made of this Python's s
   no more than the build without a budget, so planning is O(changed files).
 
 Tokens are estimated (BYTES_PER_TOKEN, as the proxy does without the model server's tokenizer):
-no server is needed. Usage: .venv/bin/python bench/bench_fit.py [--repo PATH] [--windows N ...]
+no server is needed. ``--tokenize-url URL`` counts with a running model server's own tokenizer
+instead (vLLM, SGLang or llama.cpp ``POST /tokenize``; ``--tokenize-model`` for vLLM's
+``UPSTREAM_MODEL``), as the proxy does: one request per file block, 8 at a time, cached per block,
+so the first window's cold plan includes counting every block and the later ones do not.
+
+Usage: .venv/bin/python bench/bench_fit.py [--repo PATH] [--windows N ...] [--tokenize-url URL]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from scout_diff_cache.context.fit import clear_caches
 from scout_diff_cache.context.snapshot import PREAMBLE, Snapshot, SnapshotLimits, build_snapshot
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
+from scout_diff_cache.observe.tokenizer import TokenizerEndpoint, UpstreamTokenizer, probe_tokenizer
 from scout_diff_cache.preview import plan_lines
 from scout_diff_cache.settings import Settings
 from scout_diff_cache.wiring import estimate, window_budget
@@ -52,6 +58,14 @@ def stdlib_corpus(root: Path) -> Repo:
     subprocess.run(["git", "init", "-q", str(target)], check=True)
     repo.commit_all("the standard library")
     return repo
+
+
+def tokenizer(url: str, model: str | None) -> UpstreamTokenizer:
+    endpoint = TokenizerEndpoint(url.rstrip("/"), model, None, True)
+    kind = probe_tokenizer(endpoint)
+    if kind is None:
+        raise SystemExit(f"{url} offers no POST /tokenize this proxy knows")
+    return UpstreamTokenizer(endpoint, kind)
 
 
 def timed(action: object, *args: object) -> tuple[float, object]:
@@ -75,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, help="a git repository to read (default: the stdlib corpus)")
     parser.add_argument("--windows", type=int, nargs="+", default=list(WINDOWS))
+    parser.add_argument("--tokenize-url", help="count with this model server's tokenizer (scheme://host:port)")
+    parser.add_argument("--tokenize-model", help="the model name its tokenizer takes (vLLM: UPSTREAM_MODEL)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="scout-bench-fit-") as tmp:
         if args.repo is None:
@@ -100,8 +116,9 @@ def main() -> None:
             f"{plain.size / 1e6:.1f} MB, {plain.file_count:,} files"
         )
         edited = sorted(p for p in (repo.path).rglob("*.py") if ".git" not in p.parts)[len(plain.regions) // 2]
+        measure = estimate(settings) if args.tokenize_url is None else tokenizer(args.tokenize_url, args.tokenize_model)
         for window in args.windows:
-            budget = window_budget(settings, window, estimate(settings))
+            budget = window_budget(settings, window, measure)
             clear_caches()
             cold, snapshot = timed(build_snapshot, git_repo, head, limits, PREAMBLE, budget)
             assert isinstance(snapshot, Snapshot)

@@ -64,6 +64,10 @@ def test_every_question_fits_and_message_1_keeps_its_bytes_across_questions_and_
     assert first.prompt_tokens < WINDOW  # llama-server itself counted what it got
     second = ask(proxy, "And f_100_2?")
     assert second.verdict == "hit", second.headers["x-scout-cache"]  # message 1 unchanged: its prefix reused
+    # llama-server's own count of the prompt up to the end of message 1 is within what was planned.
+    exact = int(wait_for_log(proxy, r"snapshot \w+ is (\d+) tokens \(upstream /tokenize\)").group(1))
+    assert fit["planned_tokens"] - 200 <= exact <= fit["planned_tokens"], (exact, fit)
+    assert "more than the" not in proxy.log()
     other = start_proxy(small_llama.url, env)
     health_when_exact(other)
     third = ask(other, "Which tests are there?")  # another process, the same message 1: still cached

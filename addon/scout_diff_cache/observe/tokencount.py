@@ -142,6 +142,15 @@ class TokenCounter:
                     self._failed.pop(key, None)
         if count is not None:
             logger.info("snapshot %s is %d tokens (upstream /tokenize)", short_commit(key[1]), count)
+            planned = snapshot.planned_tokens
+            if planned is not None and count > planned:  # the plan's allowances (template, slack) fell short
+                logger.warning(
+                    "snapshot %s is %d tokens, more than the %d its fit to the window planned: requests near the "
+                    "window's edge may be refused by the model server; lower SNAPSHOT_WINDOW_PERCENT",
+                    short_commit(key[1]),
+                    count,
+                    planned,
+                )
 
     @staticmethod
     def _key(base_url: str, snapshot: Snapshot) -> tuple[str, str | None, int]:
