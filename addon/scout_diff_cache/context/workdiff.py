@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..git.exclusions import PathFilter
@@ -28,6 +29,15 @@ class DiffLimits:
 
 
 @dataclass(frozen=True)
+class WorkState:
+    """The repository as a context message describes it: a commit plus these working-tree contents."""
+
+    commit: str | None
+    dirty: Mapping[bytes, bytes | None]  # path -> content (None: deleted); every other path as committed
+    skipped: frozenset[bytes] = frozenset()  # changed, but not shown: over a size limit, or cut to fit
+
+
+@dataclass(frozen=True)
 class WorkingDiff:
     commit: str | None
     text: str
@@ -38,6 +48,15 @@ class WorkingDiff:
     parts: DiffParts | None = field(default=None, compare=False, repr=False)
     limits: DiffLimits | None = field(default=None, compare=False, repr=False)
     operation: str | None = None
+
+    @property
+    def state(self) -> WorkState:
+        """The state this diff (as cut, if it was) brings its commit to."""
+        if self.parts is None:
+            return WorkState(self.commit, {})
+        parts = self.parts
+        skipped = frozenset((*parts.too_large, *parts.over_total, *parts.over_window))
+        return WorkState(self.commit, {path: parts.contents.get(path) for path in parts.patch_paths}, skipped)
 
     @property
     def size(self) -> int:
@@ -53,6 +72,9 @@ class DiffParts:
     patch_bytes: int = 0
     over_window: list[bytes] = field(default_factory=list)
     window_tokens: int = 0  # the window over_window was cut for
+    # The working-tree content of each included path when it was read (None: deleted): the state the
+    # diff brings the commit to, for the next conversation turn's changes (changes.py).
+    contents: dict[bytes, bytes | None] = field(default_factory=dict)
     excluded: list[bytes] = field(default_factory=list)
     too_large: list[bytes] = field(default_factory=list)
     over_total: list[bytes] = field(default_factory=list)
@@ -148,6 +170,16 @@ def _untracked_patch(repo: GitRepo, path: bytes, limits: DiffLimits) -> bytes | 
     return new_file_patch(path, data, _file_mode(st), repo.object_format).encode("utf-8")
 
 
+def _work_content(repo: GitRepo, path: bytes) -> bytes | None:
+    """What the work tree holds at ``path`` (a file's bytes, a link's target); None when nothing is there."""
+    full = _work_tree_path(repo, path)
+    try:
+        st = os.lstat(full)
+        return None if stat.S_ISDIR(st.st_mode) else _read_entry(full, is_link=stat.S_ISLNK(st.st_mode))
+    except OSError:
+        return None
+
+
 def _work_tree_path(repo: GitRepo, path: bytes) -> bytes:
     return os.path.join(os.fsencode(repo.toplevel), path)
 
@@ -186,6 +218,7 @@ def select_patches(repo: GitRepo, candidates: list[Candidate], limits: DiffLimit
         parts.patches.append(text)
         parts.patch_paths.append(candidate.path)
         parts.patch_bytes += size
+        parts.contents[candidate.path] = _work_content(repo, candidate.path)
 
 
 def _listing(title: str, paths: list[bytes]) -> str:
