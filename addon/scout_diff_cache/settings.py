@@ -126,20 +126,23 @@ class Settings(BaseModel):
         "the rest is for the working diff and the conversation. A repository larger is cut to fit.",
     )
     answer_reserve_tokens: int = Field(
-        4096,
-        ge=0,
-        description="Tokens kept for the answer when a request sets neither max_tokens nor max_completion_tokens.",
+        4096, ge=0, description="Tokens kept for the answer when a request sets neither max_tokens nor its successor."
     )
     bytes_per_token: float = Field(
-        3.0,
-        gt=0.5,
-        le=16,
-        description="Without the upstream's tokenizer, tokens are estimated as bytes divided by this.",
+        3.0, gt=0.5, le=16, description="Without the upstream's tokenizer, tokens are estimated as bytes / this."
     )
     include_first: tuple[str, ...] = Field(
         (),
         description="Paths (gitignore syntax, comma-separated in the environment) kept in full first when the "
         "repository does not fit the window.",
+    )
+    conversation_layout: Literal["append", "seed"] = Field(
+        "append",
+        description="append: a continuing conversation gets message 1 and every earlier context message as "
+        "before, plus what changed since, before its new messages; seed: snapshot and diff first on every turn.",
+    )
+    max_conversations: int = Field(
+        256, ge=0, description="Conversations remembered for the append conversation layout (LRU; 0: none)."
     )
     layout: Literal["append", "per-commit"] = Field(
         "append",

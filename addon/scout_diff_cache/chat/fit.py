@@ -12,7 +12,7 @@ they fit, and names the rest; if even an empty diff does not fit, the proxy answ
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..context.fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS
@@ -150,3 +150,34 @@ def too_long(window: Window, fit: Fit, answer_source: str) -> ApiError:
         "context_length_exceeded",
         "messages",
     )
+
+
+def continuation_fits(
+    window: Window,
+    context_tokens: int,
+    injected: Sequence[bytes],
+    chat: ChatRequest,
+    *,
+    diff: WorkingDiff,
+    client_bytes: int,
+    reserve: int,
+    measure: TokenMeasure,
+    count_chat: ChatCounter | None,
+) -> Fit | None:
+    """Blocking: message 1, the injected messages (JSON) and the client's messages, if they fit together.
+
+    The Fit's diff tokens are the injected messages'; its ``diff`` is the working diff, not sent.
+    """
+    answer, _ = answer_tokens(chat.fields, reserve)
+    bound = messages_bound(chat, client_bytes)
+    injected_bound = sum(len(message) + TEMPLATE_TOKENS for message in injected)
+    if bound is not None and context_tokens + injected_bound + bound + answer <= window.tokens:
+        return Fit(diff, context_tokens, injected_bound, bound, answer, BYTE_BOUND.name)
+    texts = [str(json.loads(message)["content"]) for message in injected]
+    injected_tokens = sum(measure.count(texts)) + TEMPLATE_TOKENS * len(texts)
+    if count_chat is not None:
+        messages = count_chat(list(chat.messages), chat.fields.get("tools"))
+    else:
+        messages = measure.count([messages_json(chat)])[0] + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
+    fit = Fit(diff, context_tokens, injected_tokens, messages, answer, measure.name)
+    return fit if fit.total <= window.tokens else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,26 +149,42 @@ class AssembledBody:
 
 
 def assemble_body(
-    request: ChatRequest, context_messages: list[bytes], upstream_model: str | None = None
+    request: ChatRequest,
+    context_messages: list[bytes],
+    upstream_model: str | None = None,
+    injections: Sequence[tuple[int, bytes]] = (),
 ) -> AssembledBody:
-    """The upstream body: the client's fields, then ``messages`` = context messages + client messages."""
+    """The upstream body: the client's fields, then ``messages`` = context messages + client messages.
+
+    ``injections``: (position, message) pairs, each put before the client message at that position
+    (a continuing conversation's earlier context messages); spans list them after the context messages.
+    """
     fields = dict(request.fields)
     if upstream_model is not None:
         fields["model"] = upstream_model
     head = _compact(fields)[:-1]  # drop the closing brace
     separator = b"," if len(head) > 1 else b""
-    client_messages = _compact(request.messages)[1:-1]
+    if injections:  # the same bytes as the whole list's encoding, cut at message boundaries
+        client = [_compact(message) for message in request.messages]
+    else:
+        client = [_compact(request.messages)[1:-1]] if request.messages else []
     parts = [head, separator, b'"messages":[']
     offset = sum(map(len, parts))
     spans = []
-    for index, message in enumerate(context_messages):
+    pending = sorted(injections, key=lambda injection: injection[0])
+    items: list[tuple[bytes, bool]] = [(message, True) for message in context_messages]
+    for index, message in enumerate(client):
+        while pending and pending[0][0] <= index:
+            items.append((pending.pop(0)[1], True))
+        items.append((message, False))
+    items.extend((message, True) for _, message in pending)
+    for index, (data, injected) in enumerate(items):
         if index:
             parts.append(b",")
             offset += 1
-        parts.append(message)
-        spans.append((offset, offset + len(message)))
-        offset += len(message)
-    if client_messages:
-        parts.extend((b"," if context_messages else b"", client_messages))
+        parts.append(data)
+        if injected:
+            spans.append((offset, offset + len(data)))
+        offset += len(data)
     parts.append(b"]}")
     return AssembledBody(b"".join(parts), tuple(spans))  # one copy of the snapshot's bytes, not two

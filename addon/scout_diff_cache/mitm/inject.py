@@ -30,6 +30,7 @@ from ..git.repo import GitError
 from ..observe.verdict import tools_key
 from ..settings import Settings
 from ..text import human_bytes, short_commit
+from .conversations import Turn, continued, fresh, message_hashes
 from .fitting import fit_chat, fitted_context
 from .hooks import error_response, request_hook
 from .state import METADATA_KEY, ChatRecord, ScoutState
@@ -73,6 +74,49 @@ class ContextInjection:
             )
             flow.response.headers["allow"] = "POST, OPTIONS"
 
+    async def lay_out(
+        self,
+        settings: Settings,
+        provider: ContextProvider,
+        chat: ChatRequest,
+        context: RepoContext,
+        *,
+        window: Window,
+        budget: WindowBudget,
+        client_bytes: int,
+    ) -> Turn:
+        """A continuing conversation's layout if it has one and it fits; else the fresh one, fitted."""
+        hashes = await message_hashes(settings, chat, client_bytes)
+        turn = await continued(
+            self.state,
+            settings,
+            provider,
+            chat,
+            context,
+            hashes=hashes,
+            window=window,
+            budget=budget,
+            client_bytes=client_bytes,
+        )
+        if isinstance(turn, Turn):
+            self.state.metrics.conversation_turn("continued")
+            return turn
+        if turn is not None:
+            logger.info("conversation laid out afresh: %s", turn)
+        fit = await fit_chat(
+            self.state, settings, context, chat, client_bytes=client_bytes, window=window, budget=budget
+        )
+        if fit.diff_cut:
+            logger.info(
+                "working diff cut to %d of its files so the request fits the window of %d tokens",
+                fit.diff.included_files,
+                window.tokens,
+            )
+        kind = "" if not hashes else "fresh" if turn is None else "fell back"
+        if kind:
+            self.state.metrics.conversation_turn(kind)
+        return fresh(context, fit, hashes, kind)
+
     async def inject(self, flow: http.HTTPFlow, settings: Settings, provider: ContextProvider) -> None:
         started = time.perf_counter()
         if flow.is_replay == "request" and METADATA_KEY in flow.metadata:
@@ -106,17 +150,19 @@ class ContextInjection:
         if isinstance(client_model, str) and client_model:
             self.state.last_model = client_model
         context, window, budget = await context_or_error(self.state, settings, provider)
-        fit = await fit_chat(self.state, settings, context, chat, client_bytes=len(body), window=window, budget=budget)
-        if fit.diff_cut:
-            logger.info(
-                "working diff cut to %d of its files so the request fits the window of %d tokens",
-                fit.diff.included_files,
-                window.tokens,
-            )
-        context = RepoContext(context.snapshot, fit.diff)
-        assembled = assemble_body(
-            chat, [context.snapshot.message_json, context.diff.message_json], settings.upstream_model
+        turn = await self.lay_out(
+            settings, provider, chat, context, window=window, budget=budget, client_bytes=len(body)
         )
+        fit = turn.fit
+        context = RepoContext(turn.snapshot, fit.diff)
+        assembled = assemble_body(
+            chat,
+            [turn.snapshot.message_json],
+            settings.upstream_model,
+            [(injection.position, injection.message_json) for injection in turn.injections],
+        )
+        if turn.hashes:
+            turn.remember_in(self.state, len(chat.messages))
         body = assembled.body
         flow.request.headers.pop("content-encoding", None)
         # The answer is read for its usage: an uncompressed one, which on a local link costs nothing.
@@ -127,9 +173,10 @@ class ContextInjection:
         self.state.snapshot_index.remember(context.snapshot)
         base_url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
         history = self.state.tracker.before_send(base_url, context.snapshot, tools_key(chat.fields))
+        injected_bytes = sum(len(injection.message_json) for injection in turn.injections)
         self.state.chats[flow.id] = ChatRecord(
             snapshot=context.snapshot,
-            diff_bytes=context.diff.size,
+            diff_bytes=injected_bytes,
             history=history,
             base_url=base_url,
             model=settings.upstream_model or (client_model if isinstance(client_model, str) else None),
@@ -138,9 +185,10 @@ class ContextInjection:
             started=started,
             diff_cut=fit.diff_cut,
             window_header=window_header(fit, window, context.snapshot.fit),
+            conversation=conversation_note(turn),
         )
-        self.state.metrics.injected(len(body), context.diff.size)
-        annotate(flow, context, assembled, fit_record(fit, window))
+        self.state.metrics.injected(len(body), injected_bytes)
+        annotate(flow, context, assembled, fit_record(fit, window), conversation_note(turn))
         flow.metadata[METADATA_KEY].update(expected=history.expectation(), stream_usage_added=usage_added)
         logger.debug(
             "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
@@ -166,7 +214,8 @@ def replayed_client_body(flow: http.HTTPFlow) -> bytes | None:
     """
     record = flow.metadata[METADATA_KEY]
     try:
-        return strip_context(flow.request.raw_content or b"", (record["snapshot_span"], record["diff_span"]))
+        spans = (record["snapshot_span"], record["diff_span"], *record.get("injected_spans", ()))
+        return strip_context(flow.request.raw_content or b"", spans)
     except (ValueError, KeyError, TypeError):
         if record.get("snapshot_trimmed"):
             raise ApiError(
@@ -215,9 +264,18 @@ def window_header(fit: Fit, window: Window, snapshot_fit: FitReport | None) -> s
     return "; ".join(parts)
 
 
-def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody, fit: dict[str, object]) -> None:
+def conversation_note(turn: Turn) -> str:
+    """'conversation continued: 3 changes injected', or that it was laid out afresh; "" for a new one (or seed)."""
+    if turn.description == "continued":
+        return f"conversation continued: {turn.changes} change{'s' if turn.changes != 1 else ''} injected"
+    return "conversation laid out afresh (no longer fits)" if turn.description == "fell back" else ""
+
+
+def annotate(
+    flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody, fit: dict[str, object], conversation: str
+) -> None:
     """The flow's metadata (small: sizes and spans, no snapshot) and its mitmweb comment."""
-    snapshot_span, diff_span = assembled.context_spans
+    snapshot_span, diff_span, *injected_spans = assembled.context_spans
     snapshot_fit = context.snapshot.fit
     flow.metadata[METADATA_KEY] = {
         "commit": context.snapshot.commit,
@@ -233,6 +291,9 @@ def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody
         "diff_bytes": context.diff.size,
         "diff_files": context.diff.included_files,
         "diff_span": diff_span,
+        # A continuing conversation's later context messages, among the client's (conversation layout).
+        "injected_spans": injected_spans,
+        "conversation": conversation,
         "body_bytes": len(assembled.body),
         "fit": fit,
         "snapshot_fit": snapshot_fit.as_dict() if snapshot_fit else None,
@@ -242,5 +303,6 @@ def annotate(flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody
         cut = f" · cut to fit: {context.snapshot.outline_count} outlined, {len(snapshot_fit.omitted)} omitted"
     flow.comment = (
         f"snap {short_commit(context.snapshot.commit)} · {human_bytes(context.snapshot.size)}{cut} · "
-        f"diff {human_bytes(context.diff.size)}{' (cut to fit)' if fit['diff_cut'] else ''}"
+        f"diff {human_bytes(sum(end - start for start, end in (diff_span, *injected_spans)))}"
+        f"{' (cut to fit)' if fit['diff_cut'] else ''}" + (f" · {conversation}" if conversation else "")
     )

@@ -28,6 +28,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from .. import __version__
+from ..chat.conversation import ConversationStore
 from ..git.repo import GitError
 from ..settings import (
     CONFIG_OPTION,
@@ -127,6 +128,7 @@ class ScoutOptions:
             raise options_error(f"scout-diff-cache: invalid setting git_repo_path: {e}") from None
         self.done()
         self.state.settings, self.state.provider = settings, provider
+        self.state.conversations = ConversationStore(settings.max_conversations)  # a new repository: none continue
         logger.info(
             "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
             __version__,

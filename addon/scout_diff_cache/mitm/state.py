@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from ..chat.conversation import ConversationStore
 from ..chat.errors import ApiError
 from ..chat.usage import StreamUsageTap
 from ..context.provider import ContextProvider
@@ -42,6 +43,7 @@ class ChatRecord:
     proxy_error: ApiError | None = None  # the proxy answered it itself, after the rewrite
     diff_cut: bool = False  # the working diff was cut so the request fits the window
     window_header: str = ""  # x-scout-window: how the request was fitted to the model's window
+    conversation: str = ""  # how the conversation layout placed it ("continued: N changes", "fresh", ...)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class ScoutState:
     window: ContextWindow = UNKNOWN  # the upstream's context window, as it reports it
     tokenizer: UpstreamTokenizer | None = None  # the upstream's tokenize API, when it has one
     learning: asyncio.Task[None] | None = None  # the window and tokenizer being asked for
+    conversations: ConversationStore = field(default_factory=lambda: ConversationStore(0))
 
     def configured(self) -> tuple[Settings, ContextProvider]:
         """Settings and provider; a 503 until configure succeeded (only between a bad setting and exit)."""

@@ -129,7 +129,7 @@ class CacheVerdicts:
             flow.comment = f"{flow.comment} · {result}" if flow.comment else result
         fit = record.snapshot.fit
         logger.info(
-            "chat %s in %.2f s · snap %s · %s%s · diff %s%s%s · %s%s",
+            "chat %s in %.2f s · snap %s · %s%s · diff %s%s%s%s · %s%s",
             status,
             time.perf_counter() - record.started,
             short_commit(record.snapshot.commit),
@@ -139,6 +139,7 @@ class CacheVerdicts:
             else "",
             human_bytes(record.diff_bytes),
             " (cut to fit the window)" if record.diff_cut else "",
+            f" · {record.conversation}" if record.conversation else "",
             token_figures(verdict, usage),
             result if verdict is not None else f"no verdict ({result})",
             f" - {verdict.detail}" if verdict is not None and verdict.cause else "",
@@ -169,7 +170,10 @@ def add_context_headers(headers: http.Headers, record: ChatRecord) -> None:
     headers["x-scout-base-commit"] = record.snapshot.base_commit or "unborn"
     headers["x-scout-snapshot-bytes"] = str(record.snapshot.size)
     headers["x-scout-diff-bytes"] = str(record.diff_bytes)
-    headers["x-scout-cache-expected"] = record.history.expectation()
+    expected = record.history.expectation()
+    if record.conversation.startswith("conversation continued") and expected == "hit":
+        expected = f"hit; {record.conversation}: the previous prompt is cached"
+    headers["x-scout-cache-expected"] = expected
     if record.window_header:
         headers["x-scout-window"] = record.window_header
 

@@ -69,6 +69,15 @@ class ProxyMetrics:
         )
         for result in ("ok", "failed"):
             self.prewarms.labels(result)
+        self.conversation_turns = Counter(
+            "scout_conversation_turns",
+            "Chat requests by conversation layout: continued (its earlier prompt re-sent, only changes added), "
+            "fresh (a conversation the proxy does not know), fell_back (known, but it no longer fits the window).",
+            ["layout"],
+            registry=r,
+        )
+        for layout in ("continued", "fresh", "fell_back"):
+            self.conversation_turns.labels(layout)
         self.prewarm_seconds = Histogram(
             "scout_prewarm_seconds",
             "Time the upstream took to prefill a new base.",
@@ -97,6 +106,9 @@ class ProxyMetrics:
             self.cached_tokens.inc(usage.cached_tokens)
         if usage is not None and usage.written_tokens is not None:
             self.written_tokens.inc(usage.written_tokens)
+
+    def conversation_turn(self, layout: str) -> None:
+        self.conversation_turns.labels(layout.replace(" ", "_")).inc()
 
     def error(self, status: int, source: str) -> None:
         self.errors.labels(str(status), source).inc()
