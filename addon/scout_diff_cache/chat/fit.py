@@ -82,6 +82,13 @@ def messages_bound(chat: ChatRequest, client_bytes: int) -> int | None:
     return client_bytes + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
 
 
+def count_messages(chat: ChatRequest, measure: TokenMeasure, count_chat: ChatCounter | None) -> int:
+    """Blocking: the client's messages (and tools) as the upstream's template makes them, or by ``measure``."""
+    if count_chat is not None:
+        return count_chat(list(chat.messages), chat.fields.get("tools"))
+    return measure.count([messages_json(chat)])[0] + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
+
+
 def fits_by_bound(
     window: Window, context_tokens: int, diff: WorkingDiff, chat: ChatRequest, *, answer: int, client_bytes: int
 ) -> Fit | None:
@@ -109,10 +116,7 @@ def fit_request(
     quick = fits_by_bound(window, context_tokens, diff, chat, answer=answer, client_bytes=client_bytes)
     if quick is not None:
         return quick
-    if count_chat is not None:
-        messages = count_chat(list(chat.messages), chat.fields.get("tools"))
-    else:
-        messages = measure.count([messages_json(chat)])[0] + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
+    messages = count_messages(chat, measure, count_chat)
     overhead = BLOCK_SLACK_TOKENS + TEMPLATE_TOKENS
     diff_tokens = measure.count([diff.text])[0] + overhead
     fit = Fit(diff, context_tokens, diff_tokens, messages, answer, measure.name)
@@ -175,9 +179,6 @@ def continuation_fits(
         return Fit(diff, context_tokens, injected_bound, bound, answer, BYTE_BOUND.name)
     texts = [str(json.loads(message)["content"]) for message in injected]
     injected_tokens = sum(measure.count(texts)) + TEMPLATE_TOKENS * len(texts)
-    if count_chat is not None:
-        messages = count_chat(list(chat.messages), chat.fields.get("tools"))
-    else:
-        messages = measure.count([messages_json(chat)])[0] + MESSAGE_TEMPLATE_TOKENS * (len(chat.messages) + 1)
+    messages = count_messages(chat, measure, count_chat)
     fit = Fit(diff, context_tokens, injected_tokens, messages, answer, measure.name)
     return fit if fit.total <= window.tokens else None
