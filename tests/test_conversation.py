@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow, tutils
 
 from inprocess import ScoutAddons
@@ -89,6 +90,9 @@ async def test_a_replayed_continuing_turn_strips_every_context_message_and_conti
             sent = json.loads(second.request.content or b"")["messages"]
             assert [m["role"] for m in sent] == ["system", "system", "user", "system", "assistant", "user"]
             assert len(second.metadata[METADATA_KEY]["injected_spans"]) == 1
+            shown = contentviews.prettify_message(second.request, second).text  # what mitmweb shows
+            assert "6 messages: snapshot, working diff, 1 change message, 3 from the client" in shown
+            assert "messages[3] (changes since the previous context message, injected by the proxy) system" in shown
             second.is_replay = "request"
             await addon.send_request(second)
             # Its client part is the client's messages again (the change message stripped, or it would be a

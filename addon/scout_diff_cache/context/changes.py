@@ -21,6 +21,7 @@ from .framing import system_message_json
 from .workdiff import DiffLimits, WorkState
 
 CONTEXT_LINES = 3
+TEXT_START = "Changes to the repository since the previous context message"
 NO_NEWLINE = "\\ No newline at end of file\n"
 
 
@@ -151,7 +152,7 @@ def _render(prev: WorkState, now: WorkState, found: _Found, limits: DiffLimits) 
         [display(p) for p in sorted(set(found.too_large))],
     )
     text = (
-        f"Changes to the repository since the previous context message ({moved}; commits and uncommitted "
+        f"{TEXT_START} ({moved}; commits and uncommitted "
         "edits alike), as a unified diff against the state the earlier context messages describe. "
         "Apply it after them: the result is the repository now.\n\n"
         + "".join(found.patches)

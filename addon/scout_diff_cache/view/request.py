@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..context.changes import TEXT_START as CHANGES_TEXT_START
 from ..context.framing import MESSAGE_END, MESSAGE_HEAD, TRIMMED_SNAPSHOT_PREFIX, message_content_span
 from ..context.snapshot import PREAMBLE
 from .format import clip, inline
@@ -58,7 +59,9 @@ def render_request(
     context = [
         name for name, part in (("snapshot", layout.snapshot), ("working diff", layout.diff)) if part is not None
     ]
-    described = ", ".join([*context, f"{len(layout.conversation)} from the client"])
+    changes = sum(is_change_message(message) for message in layout.conversation) if proxy_metadata else 0
+    injected = [f"{changes} change message{'s' if changes != 1 else ''}"] if changes else []
+    described = ", ".join([*context, *injected, f"{len(layout.conversation) - changes} from the client"])
     lines = [comment, ""] if comment else []
     lines.append(
         f"chat completion request · {len(body):,} bytes · {len(context) + len(layout.conversation)} messages: "
@@ -74,10 +77,21 @@ def render_request(
     if layout.diff is not None:
         lines += ["", "=== messages[1] system · working diff ===", layout.diff.rstrip("\n")]
     for offset, message in enumerate(layout.conversation):
-        lines += ["", *message_section(f"messages[{len(context) + offset}]", message)]
+        title = f"messages[{len(context) + offset}]"
+        if proxy_metadata and is_change_message(message):
+            title += " (changes since the previous context message, injected by the proxy)"
+        lines += ["", *message_section(title, message)]
     if paths:
         lines += ["", *paths]
     return "\n".join(lines) + "\n"
+
+
+def is_change_message(message: object) -> bool:
+    """A continuing conversation's change message (conversation layout), among the client's messages."""
+    if not isinstance(message, dict) or message.get("role") != "system":
+        return False
+    content = message.get("content")
+    return isinstance(content, str) and content.startswith(CHANGES_TEXT_START)
 
 
 def layout_from_spans(body: bytes, proxy_metadata: Mapping[str, Any]) -> ChatLayout | None:
