@@ -291,6 +291,7 @@ class UpstreamBehaviour:
     cache: FakePrefixCache = field(default_factory=FakePrefixCache)
     # When set, GET /v1/models from the proxy itself reports this window (vLLM's max_model_len).
     max_model_len: int | None = None
+    tokenize_status: int = 200  # another status: /tokenize and /apply-template fail with it
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
@@ -368,6 +369,9 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
 
     def _tokenize(self, path: str, payload: dict[str, Any], behaviour: UpstreamBehaviour) -> None:
         """vLLM's /tokenize (messages -> count); llama.cpp's /apply-template and /tokenize (content -> tokens)."""
+        if behaviour.tokenize_status != 200:
+            self._send_json(behaviour.tokenize_status, {"error": {"message": "tokenizer broken"}})
+            return
         if behaviour.engine == "vllm" and path == "/tokenize" and "messages" in payload:
             prompt = FakePrefixCache.render(payload, generation_prompt=payload.get("add_generation_prompt", True))
             self._send_json(200, {"count": FakePrefixCache.tokens(prompt), "max_model_len": 10_000_000})

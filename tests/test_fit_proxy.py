@@ -227,3 +227,21 @@ def test_an_upstream_that_goes_away_keeps_the_window_it_had(
     assert "upstream context window not re-learned (upstream not reachable): keeping 16384" in proxy.log()
     window = proxy.get("/health").json()["window"]
     assert (window["tokens"], window["source"]) == (WINDOW, "upstream GET /v1/models max_model_len")
+
+
+def test_a_tokenizer_that_fails_never_fails_a_request(
+    make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    vllm_like(upstream)
+    repo = make_repo(three_windows())
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+    wait_for_window(proxy, WINDOW)
+    messages = [{"role": "user", "content": "first"}]
+    assert proxy.post("/v1/chat/completions", json.dumps({"model": "m", "messages": messages}).encode()).status == 200
+    upstream.behaviour.tokenize_status = 500
+    # Too long for the byte bound, short enough by the estimate: it must be counted, and the tokenizer fails.
+    longer = [*messages, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "y" * 9000}]
+    assert proxy.post("/v1/chat/completions", json.dumps({"model": "m", "messages": longer}).encode()).status == 200
+    assert "the upstream's tokenizer failed (POST /tokenize answered 500): counting by estimate" in proxy.log()
+    assert proxy.post("/v1/chat/completions", chat_body("x" * 9000)).status == 200  # a new one, by estimate
+    assert proxy.get("/health").json()["window"]["counted_by"].startswith("estimate")

@@ -15,14 +15,17 @@ import logging
 from dataclasses import dataclass
 
 from ..chat.conversation import Conversation, Injection, chain_hashes
-from ..chat.fit import Fit, Window, continuation_fits
+from ..chat.fit import ChatCounter, Fit, Window, continuation_fits
 from ..chat.request import ChatRequest
 from ..context.changes import changes_between
 from ..context.fit import WindowBudget
 from ..context.provider import ContextProvider, RepoContext
 from ..context.snapshot import Snapshot
+from ..context.tokens import TokenMeasure
 from ..context.workdiff import WorkState
+from ..git.repo import GitError
 from ..settings import Settings
+from .fitting import counted
 from .state import ScoutState
 
 logger = logging.getLogger(__name__)
@@ -79,27 +82,32 @@ async def continued(
     now = context.diff.state
     changes = None
     if prior.state != now:
-        changes = await asyncio.to_thread(changes_between, provider.repo, prior.state, now, provider.diff_limits)
+        try:
+            changes = await asyncio.to_thread(changes_between, provider.repo, prior.state, now, provider.diff_limits)
+        except GitError as e:  # the request path reports the repository's trouble; this turn is laid out afresh
+            return f"its changes could not be read: {e}"
     injections = prior.injections
     if changes is not None:
         injections = (*injections, Injection(prior.client_count, changes.message_json, "changes"))
-    tokenizer = state.tokenizer if budget.measure is state.tokenizer else None
-    fit = await asyncio.to_thread(
-        continuation_fits,
-        window,
-        prior.snapshot.planned_tokens or 0,
-        [injection.message_json for injection in injections],
-        chat,
-        diff=context.diff,
-        client_bytes=client_bytes,
-        reserve=settings.answer_reserve_tokens,
-        measure=budget.measure,
-        count_chat=tokenizer.count_chat if tokenizer is not None else None,
-    )
+
+    def fit(measure: TokenMeasure, count_chat: ChatCounter | None) -> Fit | None:
+        return continuation_fits(
+            window,
+            prior.snapshot.planned_tokens or 0,
+            [injection.message_json for injection in injections],
+            chat,
+            diff=context.diff,
+            client_bytes=client_bytes,
+            reserve=settings.answer_reserve_tokens,
+            measure=measure,
+            count_chat=count_chat,
+        )
+
+    fitted = await counted(state, settings, budget, fit)
     count = sum(injection.kind == "changes" for injection in injections)
-    if fit is None:
+    if fitted is None:
         return (
             f"with the changes since it started ({count} messages) it no longer fits the window of "
             f"{window.tokens} tokens"
         )
-    return Turn(prior.snapshot, injections, now, hashes, "continued", fit, count)
+    return Turn(prior.snapshot, injections, now, hashes, "continued", fitted, count)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from ..chat.fit import ChatCounter, Fit, Window, answer_tokens, fit_request, fits_by_bound
 from ..chat.request import ChatRequest
@@ -82,11 +83,9 @@ async def fit_chat(
     quick = fits_by_bound(window, context_tokens, context.diff, chat, answer=answer, client_bytes=client_bytes)
     if quick is not None:
         return quick
-    tokenizer = state.tokenizer if budget.measure is state.tokenizer else None
 
-    async def fit(measure: TokenMeasure, count_chat: ChatCounter | None) -> Fit:
-        return await asyncio.to_thread(
-            fit_request,
+    def fit(measure: TokenMeasure, count_chat: ChatCounter | None) -> Fit:
+        return fit_request(
             window,
             context_tokens,
             context.diff,
@@ -97,8 +96,20 @@ async def fit_chat(
             count_chat=count_chat,
         )
 
+    return await counted(state, settings, budget, fit)
+
+
+async def counted[T](
+    state: ScoutState,
+    settings: Settings,
+    budget: WindowBudget,
+    count: Callable[[TokenMeasure, ChatCounter | None], T],
+) -> T:
+    """``count`` in a thread with the budget's measure (and the upstream's chat counter when it is exact);
+    if the upstream's tokenizer fails, again with the estimate: counting never fails a request."""
+    tokenizer = state.tokenizer if budget.measure is state.tokenizer else None
     try:
-        return await fit(budget.measure, tokenizer.count_chat if tokenizer is not None else None)
+        return await asyncio.to_thread(count, budget.measure, tokenizer.count_chat if tokenizer is not None else None)
     except TokenizeFailed as e:
         _tokenizer_failed(state, e)
-    return await fit(estimate(settings), None)
+    return await asyncio.to_thread(count, estimate(settings), None)
