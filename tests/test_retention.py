@@ -131,6 +131,31 @@ def test_spans_point_at_the_placeholder_and_the_diff(view: View) -> None:
     assert record["trimmed_body_bytes"] == len(body)
 
 
+def test_a_continuing_conversations_change_messages_stay_where_the_spans_say(view: View) -> None:
+    """After the trim, every injected span still holds its message: a replay strips them all."""
+    changes = system_message_json("Changes to the repository since the previous context message ...")
+    client = client_body(
+        [*CLIENT_MESSAGES, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    )
+    assembled = assemble_body(parse_chat_request(client), [SNAPSHOT], None, [(0, DIFF), (2, changes)])
+    flow = chat_flow()
+    flow.request.content = assembled.body
+    snapshot_span, diff_span, changes_span = assembled.context_spans
+    flow.metadata[METADATA_KEY].update(
+        snapshot_span=snapshot_span,
+        diff_span=diff_span,
+        injected_spans=[changes_span],
+        body_bytes=len(assembled.body),
+    )
+    finish(view, keeping(0), flow)
+    record = flow.metadata[METADATA_KEY]
+    body = flow.request.raw_content or b""
+    start, end = record["injected_spans"][0]
+    assert body[start:end] == changes
+    spans = (record["snapshot_span"], record["diff_span"], *record["injected_spans"])
+    assert json.loads(strip_context(body, spans))["messages"] == json.loads(client)["messages"]
+
+
 def test_placeholder_says_what_was_removed() -> None:
     record = chat_flow().metadata[METADATA_KEY]
     text = placeholder_text(record, 10)

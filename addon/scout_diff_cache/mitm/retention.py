@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Sequence
 from itertools import islice
 from typing import Any
 
@@ -116,13 +117,15 @@ def _trim(flow: http.HTTPFlow, keep: int) -> bool:
     placeholder = system_message_json(placeholder_text(record, keep))
     trimmed = body[:start] + placeholder + body[end:]
     shift = len(placeholder) - (end - start)
-    diff_start, diff_end = record["diff_span"]
-    if diff_start >= end:
-        diff_start, diff_end = diff_start + shift, diff_end + shift
+
+    def moved(span: Sequence[int]) -> tuple[int, int]:
+        return (span[0] + shift, span[1] + shift) if span[0] >= end else (span[0], span[1])
+
     updated = {
         **record,
         "snapshot_span": (start, start + len(placeholder)),
-        "diff_span": (diff_start, diff_end),
+        "diff_span": moved(record["diff_span"]),
+        "injected_spans": [moved(span) for span in record.get("injected_spans", ())],
         "snapshot_trimmed": True,
         "trimmed_body_bytes": len(trimmed),
     }
