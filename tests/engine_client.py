@@ -56,14 +56,28 @@ def client_for(proxy: Proxy) -> openai.OpenAI:
 
 def ask(proxy: Proxy, question: str) -> Answer:
     """One question, two tokens of answer; the model name is the client's (UPSTREAM_MODEL may replace it)."""
+    return converse(proxy, [{"role": "user", "content": question}])
+
+
+def converse(proxy: Proxy, messages: list[dict[str, Any]]) -> Answer:
+    """A whole conversation as a client resends it, two tokens of answer."""
     started = time.perf_counter()
     raw = client_for(proxy).chat.completions.with_raw_response.create(
-        model="llama-4-scout", messages=[{"role": "user", "content": question}], max_tokens=2, temperature=0
+        model="llama-4-scout",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=2,
+        temperature=0,
     )
     wall = time.perf_counter() - started
     completion = raw.parse()  # the openai package accepts the answer
     assert completion.choices[0].finish_reason in ("length", "stop")
     return Answer({k.lower(): v for k, v in raw.headers.items()}, raw.http_response.json(), wall)
+
+
+def next_turn(messages: list[dict[str, Any]], answer: Answer, said: str) -> list[dict[str, Any]]:
+    """The conversation as the client resends it: the model's answer and what the user says next."""
+    reply = answer.body["choices"][0]["message"]["content"] or ""
+    return [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": said}]
 
 
 def wait_for_log(proxy: Proxy, pattern: str, timeout: float = 60, count: int = 1) -> re.Match[str]:

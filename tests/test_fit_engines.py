@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import openai
 import pytest
 
-from engine_client import ask, client_for, wait_for_log
+from engine_client import ask, client_for, converse, next_turn, wait_for_diff, wait_for_log
 from llama_server import LlamaServer, repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo
 
 StartProxy = Callable[..., Proxy]
 WINDOW = 16384
 SHARE = (WINDOW - 4096) * 75 // 100  # SNAPSHOT_WINDOW_PERCENT of the window less ANSWER_RESERVE_TOKENS
+# <|header_start|>assistant<|header_end|>\n\n ends a prompt; the next one has the answer there instead.
+GENERATION_PROMPT_TOKENS = 1 + len("assistant") + 1 + 2 + 2
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,28 @@ def test_a_large_working_diff_is_cut_so_the_request_fits(
     assert answer.prompt_tokens < WINDOW
     wait_for_log(proxy, rf"working diff cut to [123] of its files so the request fits the window of {WINDOW} tokens")
     assert json.dumps(answer.body)  # an ordinary answer
+
+
+def test_a_conversation_continued_after_an_edit_and_a_commit_prefills_only_what_is_new(
+    small_llama: LlamaServer, start_proxy: StartProxy, make_repo: Callable[..., Repo]
+) -> None:
+    """Issue 13 on a real engine: each turn's prompt starts with the previous one, so llama-server reuses it."""
+    repo = make_repo(repo_files("the conversation test", modules=20, module_bytes=330))
+    proxy = start_proxy(small_llama.url, {"GIT_REPO_PATH": str(repo.path)})
+    health_when_exact(proxy)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What does f_3_1 return?"}]
+    first = converse(proxy, messages)
+    repo.write({"pkg/mod_003.py": (repo.path / "pkg/mod_003.py").read_text() + "EDITED = 1\n"})
+    wait_for_diff(proxy)
+    messages = next_turn(messages, first, "I changed mod_003. What now?")
+    second = converse(proxy, messages)
+    # All of the first prompt but its generation prompt (the assistant header the answer follows).
+    assert second.cached_tokens >= first.prompt_tokens - GENERATION_PROMPT_TOKENS, (second.cached_tokens, first)
+    # The answer, the change message (about 550 bytes: one token each for this model) and the question.
+    assert second.timings["prompt_n"] < 800
+    repo.commit_all("commit the edit")
+    wait_for_log(proxy, r"snapshot \w+ built")  # the new HEAD seen (a new snapshot for new conversations)
+    messages = next_turn(messages, second, "Committed. Anything else?")
+    third = converse(proxy, messages)
+    assert third.cached_tokens >= second.prompt_tokens - GENERATION_PROMPT_TOKENS, (third.cached_tokens, second)
+    assert third.headers["x-scout-cache-expected"].startswith("hit; conversation continued")

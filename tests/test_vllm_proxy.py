@@ -18,10 +18,11 @@ import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from engine_client import Answer, ask, wait_for_diff, wait_for_head, wait_for_log
+from engine_client import Answer, ask, converse, next_turn, wait_for_diff, wait_for_head, wait_for_log
 from llama_server import EARLY_FILE, edit_early_file, repo_files
 from support import SETTING_ENV_NAMES, Proxy, Repo
 from vllm_server import CACHE_GRAIN_TOKENS, MAX_MODEL_LEN, SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
@@ -220,3 +221,22 @@ def test_a_repository_three_times_the_window_is_cut_to_fit_and_a_too_long_conver
     refused = proxy.post("/v1/chat/completions", body)
     assert refused.status == 400 and refused.json()["error"]["code"] == "context_length_exceeded", refused.body
     assert "vLLM" not in refused.body.decode() and f"context window is {MAX_MODEL_LEN}" in refused.body.decode()
+
+
+def test_a_continued_conversation_reuses_the_previous_prompt_on_vllm(
+    proxy_in_front: Callable[..., Proxy], make_repo: Callable[..., Repo]
+) -> None:
+    """Issue 13 on vLLM's Llama 4 cache: after an edit the next turn reuses all of the previous prompt."""
+    repo = make_repo(repo_files("the vLLM conversation test"))
+    proxy = proxy_in_front(repo)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What does f_3_1 return?"}]
+    first = converse(proxy, messages)
+    text = (repo.path / EARLY_FILE).read_text()
+    repo.write({EARLY_FILE: text.replace("EARLY_6 = 6 ", "EARLY_6 = 66")})  # uncommitted
+    wait_for_diff(proxy)
+    second = converse(proxy, next_turn(messages, first, "I edited it. What now?"))
+    # Whole 64-token steps of the cache, up to where the first prompt's generation prompt was.
+    assert second.cached_tokens >= first.prompt_tokens - CACHE_GRAIN_TOKENS - ASSISTANT_HEADER_TOKENS
+    new = second.prompt_tokens - first.prompt_tokens + ASSISTANT_HEADER_TOKENS  # the answer, changes, question
+    assert second.written_tokens is not None and second.written_tokens <= new + 2 * CACHE_GRAIN_TOKENS
+    assert second.headers["x-scout-cache-expected"].startswith("hit; conversation continued: 1 change injected")
