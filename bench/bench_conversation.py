@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from commit_sequence import CHAT, SEED, TIMEOUT_SECONDS, wait_for_head
+from commit_sequence import CHAT, SEED, TIMEOUT_SECONDS, run_in_temp_dir, wait_for_head
 from llama_server import repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo, http_request, run_proxy
 
@@ -130,40 +127,39 @@ def main() -> None:
     parser.add_argument("--architecture", choices=("llama", "llama4"), default="llama4")
     parser.add_argument("--ctx-size", type=int, default=65536)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
-    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+    run_in_temp_dir("scout-bench-conversation-", lambda root: run(args, root))
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
     steps = script(args.turns, args.tool_chars)
-    with tempfile.TemporaryDirectory(prefix="scout-bench-conversation-") as tmp:
-        root = Path(tmp)
-        model = write_tiny_gguf(root / "tiny.gguf", architecture=args.architecture)
-        results = {}
-        for layout in ("append", "seed"):
-            repo = Repo.create(root / f"repo-{layout}", repo_files(f"the {layout} session", MODULES, 330))
-            with (
-                run_llama_server(model, ctx_size=args.ctx_size, slots=1, log_dir=root) as server,
-                run_proxy(
-                    server.url,
-                    root / f"proxy-{layout}",
-                    {"GIT_REPO_PATH": str(repo.path), "CONVERSATION_LAYOUT": layout},
-                ) as proxy,
-            ):
-                results[layout] = session(proxy, repo, steps)
-        print(f"{args.turns} turns, {args.tool_chars} characters of tool output each, {args.architecture} model")
-        append, seed = report("append", results["append"]), report("seed", results["seed"])
-        over = [
-            (index, turn.prefilled, turn.new_tokens)
-            for index, turn in enumerate(results["append"][1:], 1)
-            if turn.prefilled > turn.new_tokens + CONSTANT_TOKENS
-        ]
-        print(
-            f"seed/append tokens prefilled over the session: {seed / max(append, 1):.1f}x (goal >= 10x) "
-            f"{'MET' if seed >= 10 * append else 'NOT MET'}"
-        )
-        print(
-            f"append turns prefilling more than their new messages and change + {CONSTANT_TOKENS}: "
-            f"{len(over)} of {args.turns - 1} (goal 0) {'MET' if not over else 'NOT MET: ' + str(over[:5])}"
-        )
+    model = write_tiny_gguf(root / "tiny.gguf", architecture=args.architecture)
+    results = {}
+    for layout in ("append", "seed"):
+        repo = Repo.create(root / f"repo-{layout}", repo_files(f"the {layout} session", MODULES, 330))
+        with (
+            run_llama_server(model, ctx_size=args.ctx_size, slots=1, log_dir=root) as server,
+            run_proxy(
+                server.url,
+                root / f"proxy-{layout}",
+                {"GIT_REPO_PATH": str(repo.path), "CONVERSATION_LAYOUT": layout},
+            ) as proxy,
+        ):
+            results[layout] = session(proxy, repo, steps)
+    print(f"{args.turns} turns, {args.tool_chars} characters of tool output each, {args.architecture} model")
+    append, seed = report("append", results["append"]), report("seed", results["seed"])
+    over = [
+        (index, turn.prefilled, turn.new_tokens)
+        for index, turn in enumerate(results["append"][1:], 1)
+        if turn.prefilled > turn.new_tokens + CONSTANT_TOKENS
+    ]
+    print(
+        f"seed/append tokens prefilled over the session: {seed / max(append, 1):.1f}x (goal >= 10x) "
+        f"{'MET' if seed >= 10 * append else 'NOT MET'}"
+    )
+    print(
+        f"append turns prefilling more than their new messages and change + {CONSTANT_TOKENS}: "
+        f"{len(over)} of {args.turns - 1} (goal 0) {'MET' if not over else 'NOT MET: ' + str(over[:5])}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,7 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ from commit_sequence import (
     post_question,
     ratio_line,
     run_commits,
+    run_in_temp_dir,
     summary,
     wait_for_head,
 )
@@ -225,16 +224,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the with-blocks stop mitmdump and llama-server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    # Hermetic git for the generated repositories: no user or system config (signing, hooks, templates).
-    os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
-    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
-    with tempfile.TemporaryDirectory(prefix="scout-bench-llama-") as tmp:
-        run(args, Path(tmp))
+    run_in_temp_dir("scout-bench-llama-", lambda root: run(args, root))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; every process it started was stopped")
+    main()

@@ -23,10 +23,7 @@ Usage: .venv/bin/python bench/bench_vllm_cache.py [--modules N] [--module-bytes 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from commit_sequence import Asked, commit_plan, post_question, ratio_line, run_commits, summary, wait_for_head
+from commit_sequence import (
+    Asked,
+    commit_plan,
+    post_question,
+    ratio_line,
+    run_commits,
+    run_in_temp_dir,
+    summary,
+    wait_for_head,
+)
 from llama_server import repo_files
 from support import Proxy, Repo, http_request, run_proxy
 from vllm_server import SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
@@ -131,15 +137,8 @@ def main() -> None:
         help="MAX_TAIL_PERCENT (default 10, the setting's): on a small snapshot the tail cap moves the base often",
     )
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
-    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
-    with tempfile.TemporaryDirectory(prefix="scout-bench-vllm-") as tmp:
-        run(args, Path(tmp))
+    run_in_temp_dir("scout-bench-vllm-", lambda root: run(args, root))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; every process it started was stopped")
+    main()

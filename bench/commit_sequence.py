@@ -1,4 +1,5 @@
-"""What the engine benchmarks share: asking through the proxy, waiting for HEAD, and a sequence of commits.
+"""What the engine benchmarks share: asking through the proxy, waiting for HEAD, a sequence of commits, and
+how a benchmark runs (``run_in_temp_dir``).
 
 Each commit edits one generated module (``tests/llama_server.repo_files``), chosen from a fixed
 pseudo-random order, so some edits are early in path order and some late. What a question cost is
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import signal
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from support import Proxy, Repo, http_request
@@ -96,3 +102,16 @@ def ratio_line(commits: int, append: list[Asked], per_commit: list[Asked]) -> st
         f"{total_per_commit / max(total_append, 1):.1f}x ({total_per_commit} vs {total_append}); "
         f"mean wall per-commit/append {wall:.2f}x"
     )
+
+
+def run_in_temp_dir(prefix: str, run: Callable[[Path], None]) -> None:
+    """A benchmark's body in a temp dir removed after, with hermetic git (no user or system config: signing,
+    hooks, templates); SIGTERM unwinds like Ctrl-C, so its with-blocks stop every process it started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
+    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            run(Path(tmp))
+    except KeyboardInterrupt:
+        sys.exit("interrupted; every process it started was stopped")
