@@ -50,6 +50,15 @@ def vllm_like(upstream: Upstream, window: int = WINDOW) -> None:
     upstream.behaviour.max_model_len = window
 
 
+def start_learning(
+    start_proxy: StartProxy, upstream: Upstream, repo: Repo, expect: int = WINDOW, **env: str
+) -> tuple[Proxy, dict[str, Any]]:
+    """A proxy in front of the vLLM-like upstream, once it has learned the window (``expect``) and its tokenizer."""
+    vllm_like(upstream)
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path), **env})
+    return proxy, wait_for_window(proxy, expect)
+
+
 def wait_for_window(proxy: Proxy, tokens: int, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,10 +76,8 @@ def message_one(upstream: Upstream, index: int = -1) -> bytes:
 def test_a_repository_three_times_the_window_is_cut_to_fit_and_every_question_answers(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo(three_windows())
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
-    window = wait_for_window(proxy, WINDOW)
+    proxy, window = start_learning(start_proxy, upstream, repo)
     assert window["source"] == "upstream GET /v1/models max_model_len"
     assert window["message_1_share_tokens"] == (WINDOW - 4096) * 75 // 100
     for question in ("what does core do?", "and mod07?", "list the tests"):
@@ -102,10 +109,8 @@ def test_a_repository_three_times_the_window_is_cut_to_fit_and_every_question_an
 def test_a_conversation_longer_than_the_window_gets_the_proxys_own_400_and_nothing_is_forwarded(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo(three_windows())
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
-    wait_for_window(proxy, WINDOW)
+    proxy, _ = start_learning(start_proxy, upstream, repo)
     reply = proxy.post("/v1/chat/completions", chat_body("tell me about this repository. " * 2000))
     assert reply.status == 400
     error = reply.json()["error"]
@@ -120,11 +125,9 @@ def test_a_conversation_longer_than_the_window_gets_the_proxys_own_400_and_nothi
 def test_a_working_diff_too_large_for_what_is_left_is_cut_and_says_what_it_left_out(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo(three_windows())
     repo.write({f"src/pkg/new{i}.py": module(f"new{i}", 120) for i in range(3)})  # about 3 x 2.4k tokens
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
-    wait_for_window(proxy, WINDOW)
+    proxy, _ = start_learning(start_proxy, upstream, repo)
     reply = proxy.post("/v1/chat/completions", chat_body("what changed?"))
     assert reply.status == 200, reply.body
     diff = json.loads(upstream.chat_requests()[-1].raw_messages()[1])["content"]
@@ -137,10 +140,8 @@ def test_a_working_diff_too_large_for_what_is_left_is_cut_and_says_what_it_left_
 def test_max_context_tokens_overrides_what_the_upstream_reports(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo(three_windows())
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path), "MAX_CONTEXT_TOKENS": "65536"})
-    window = wait_for_window(proxy, 65536)
+    proxy, window = start_learning(start_proxy, upstream, repo, 65536, MAX_CONTEXT_TOKENS="65536")
     assert window["source"] == "MAX_CONTEXT_TOKENS" and window["learned"]["tokens"] == WINDOW
     assert proxy.post("/v1/chat/completions", chat_body("hi")).status == 200
     text = json.loads(message_one(upstream))["content"]
@@ -150,10 +151,8 @@ def test_max_context_tokens_overrides_what_the_upstream_reports(
 def test_the_window_is_learned_again_when_the_upstream_comes_back(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo({"a.py": "a = 1\n"})
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
-    wait_for_window(proxy, WINDOW)
+    proxy, _ = start_learning(start_proxy, upstream, repo)
     upstream.behaviour.status = 503  # the model server goes down ...
     assert proxy.post("/v1/chat/completions", chat_body("hi")).status == 503
     upstream.behaviour.status = 200  # ... and comes back with another --max-model-len
@@ -196,10 +195,8 @@ async def test_mitmweb_shows_how_the_request_was_fitted(
 def test_prewarm_sends_the_fitted_message_1_the_questions_send(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo(three_windows())
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path), "PREWARM": "true"})
-    wait_for_window(proxy, WINDOW)
+    proxy, _ = start_learning(start_proxy, upstream, repo, PREWARM="true")
     deadline = time.monotonic() + 30
     while not upstream.chat_requests() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -216,9 +213,7 @@ def test_an_upstream_that_goes_away_keeps_the_window_it_had(
     """Message 1's plan must not change because the model server restarts: the learned window stays."""
     repo = make_repo({"a.py": "a = 1\n"})
     with run_upstream() as upstream:
-        vllm_like(upstream)
-        proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
-        wait_for_window(proxy, WINDOW)
+        proxy, _ = start_learning(start_proxy, upstream, repo)
     assert proxy.post("/v1/chat/completions", chat_body("hi")).status in (502, 503)  # gone
     assert proxy.get("/health").status == 200  # an answer: the proxy asks the upstream again ...
     deadline = time.monotonic() + 20
@@ -232,10 +227,8 @@ def test_an_upstream_that_goes_away_keeps_the_window_it_had(
 def test_a_tokenizer_that_fails_never_fails_a_request(
     make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    vllm_like(upstream)
     repo = make_repo(three_windows())
-    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
-    wait_for_window(proxy, WINDOW)
+    proxy, _ = start_learning(start_proxy, upstream, repo)
     messages = [{"role": "user", "content": "first"}]
     assert proxy.post("/v1/chat/completions", json.dumps({"model": "m", "messages": messages}).encode()).status == 200
     upstream.behaviour.tokenize_status = 500
