@@ -30,7 +30,79 @@ class ConfigError(Exception):
     """A setting has a bad value; the message names the setting, where it came from and why."""
 
 
-class Settings(BaseModel):
+class _Checks(BaseModel):
+    """How raw values become settings (booleans, lists, unset) and which are refused; for ``Settings``."""
+
+    @field_validator(
+        "inject_context",
+        "use_default_excludes",
+        "allow_remote_without_key",
+        "stream_usage",
+        "count_snapshot_tokens",
+        "history_full_files",
+        "prewarm",
+        mode="before",
+        check_fields=False,
+    )
+    @classmethod
+    def _parse_bool(cls, value: object) -> object:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
+        return value
+
+    @field_validator(
+        "exclude_path_patterns", "allowed_origins", "allowed_hosts", "include_first", mode="before", check_fields=False
+    )
+    @classmethod
+    def _split_patterns(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            return tuple(str(p).strip() for p in value if str(p).strip())
+        return value
+
+    @field_validator(
+        "target_api_key",
+        "proxy_api_key",
+        "upstream_model",
+        "max_context_tokens",
+        "retrieval_tokens",
+        mode="before",
+        check_fields=False,
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("target_api_key", "proxy_api_key", check_fields=False)
+    @classmethod
+    def _header_safe_key(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_SAFE.fullmatch(value):
+            raise ValueError("must be printable ASCII without spaces (it becomes an HTTP header)")
+        return value
+
+    @field_validator("model_id", check_fields=False)
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        if not _HEADER_SAFE.fullmatch(value):
+            raise ValueError("must be printable ASCII without spaces (it is sent in a response header)")
+        return value
+
+    @field_validator("git_repo_path", check_fields=False)
+    @classmethod
+    def _repo_dir_exists(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{value!r} is not an existing directory")
+        return str(path.resolve())
+
+
+class Settings(_Checks):
     """Every setting of the addon. Field descriptions are the one-line help used everywhere."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -136,6 +208,12 @@ class Settings(BaseModel):
         description="Paths (gitignore syntax, comma-separated in the environment) kept in full first when the "
         "repository does not fit the window.",
     )
+    retrieval_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens per request for left-out files retrieved in full for the question (after the "
+        "working diff); unset: 10% of the window; 0: no retrieval.",
+    )
     conversation_layout: Literal["append", "seed"] = Field(
         "append",
         description="append: a continuing conversation gets message 1 and every earlier context message as "
@@ -172,63 +250,6 @@ class Settings(BaseModel):
         description="Flows that keep their full request body in mitmweb; older ones get the snapshot "
         "replaced by a short placeholder so memory stays flat.",
     )
-
-    @field_validator(
-        "inject_context",
-        "use_default_excludes",
-        "allow_remote_without_key",
-        "stream_usage",
-        "count_snapshot_tokens",
-        "history_full_files",
-        "prewarm",
-        mode="before",
-    )
-    @classmethod
-    def _parse_bool(cls, value: object) -> object:
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in _TRUE:
-                return True
-            if lowered in _FALSE:
-                return False
-            raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
-        return value
-
-    @field_validator("exclude_path_patterns", "allowed_origins", "allowed_hosts", "include_first", mode="before")
-    @classmethod
-    def _split_patterns(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.split(",")
-        if isinstance(value, (list, tuple)):
-            return tuple(str(p).strip() for p in value if str(p).strip())
-        return value
-
-    @field_validator("target_api_key", "proxy_api_key", "upstream_model", "max_context_tokens", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("target_api_key", "proxy_api_key")
-    @classmethod
-    def _header_safe_key(cls, value: str | None) -> str | None:
-        if value is not None and not _HEADER_SAFE.fullmatch(value):
-            raise ValueError("must be printable ASCII without spaces (it becomes an HTTP header)")
-        return value
-
-    @field_validator("model_id")
-    @classmethod
-    def _no_whitespace(cls, value: str) -> str:
-        if not _HEADER_SAFE.fullmatch(value):
-            raise ValueError("must be printable ASCII without spaces (it is sent in a response header)")
-        return value
-
-    @field_validator("git_repo_path")
-    @classmethod
-    def _repo_dir_exists(cls, value: str) -> str:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"{value!r} is not an existing directory")
-        return str(path.resolve())
 
 
 SETTING_NAMES: tuple[str, ...] = tuple(Settings.model_fields)

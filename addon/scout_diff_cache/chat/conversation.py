@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..context.snapshot import Snapshot
@@ -45,7 +45,7 @@ def chain_hashes(messages: Sequence[Mapping[str, Any]]) -> list[bytes]:
 class Injection:
     position: int  # how many client messages come before it
     message_json: bytes
-    kind: str  # "diff" (the working diff of a fresh layout) or "changes" (what changed since)
+    kind: str  # "diff" (a fresh layout's working diff), "changes" (what changed since), "retrieved" (files)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Conversation:
     snapshot: Snapshot
     injections: tuple[Injection, ...]
     state: WorkState  # the repository as message 1 plus the injections describe it
+    retrieved: Mapping[bytes, str] = field(default_factory=dict)  # files retrieved in full: path -> blob id
 
     @property
     def injected_bytes(self) -> int:

@@ -93,7 +93,9 @@ class BrowserGuard:
         origin = flow.request.headers.get("origin")
         if settings is not None and origin is not None and origin in settings.allowed_origins:
             response.headers["access-control-allow-origin"] = origin
-            response.headers["access-control-expose-headers"] = "x-scout-cache, x-scout-cache-expected, x-scout-window"
+            response.headers["access-control-expose-headers"] = (
+                "x-scout-cache, x-scout-cache-expected, x-scout-window, x-scout-retrieval, x-scout-retrieved"
+            )
             response.headers["vary"] = "Origin"
             if flow.request.method.upper() == "OPTIONS":
                 response.headers.update(preflight_headers(origin))

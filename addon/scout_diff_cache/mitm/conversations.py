@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..chat.conversation import Conversation, Injection, chain_hashes
 from ..chat.fit import ChatCounter, Fit, Window, continuation_fits
@@ -44,9 +45,11 @@ class Turn:
     description: str  # for the log, mitmweb and the metrics: "fresh", "continued", "fell back"
     fit: Fit
     changes: int = 0  # "changes" messages the conversation carries
+    new_from: int = 0  # where this request's new client messages start (its own injections go there)
+    retrieved: Mapping[bytes, str] = field(default_factory=dict)  # files the conversation holds in full
 
     def remember_in(self, state: ScoutState, client_count: int) -> None:
-        conversation = Conversation(client_count, self.snapshot, self.injections, self.state)
+        conversation = Conversation(client_count, self.snapshot, self.injections, self.state, self.retrieved)
         state.conversations.remember(self.hashes, conversation)
 
 
@@ -110,4 +113,6 @@ async def continued(
             f"with the changes since it started ({count} messages) it no longer fits the window of "
             f"{window.tokens} tokens"
         )
-    return Turn(prior.snapshot, injections, now, hashes, "continued", fitted, count)
+    return Turn(
+        prior.snapshot, injections, now, hashes, "continued", fitted, count, prior.client_count, prior.retrieved
+    )

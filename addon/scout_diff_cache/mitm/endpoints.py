@@ -11,6 +11,7 @@ from .. import __version__
 from ..chat.errors import ApiError
 from ..chat.routes import HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
 from ..context.provider import ContextProvider
+from ..context.snapshot import Snapshot
 from ..git.repo import GitError
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..settings import Settings
@@ -75,8 +76,25 @@ class LocalEndpoints:
             fit=snapshot.fit.as_dict() | {"history_tokens": snapshot.tail_tokens} if snapshot.fit else None,
             snapshot_builds=provider.snapshot_builds,
             cache=self.state.tracker.recent_summary(),
+            retrieval=self.retrieval(settings, snapshot),
         )
         return json_response(200, report)
+
+    def retrieval(self, settings: Settings, snapshot: Snapshot) -> dict[str, Any]:
+        """The search index of the files message 1 left out."""
+        retriever = self.state.retriever
+        if settings.retrieval_tokens == 0 or retriever is None:
+            return {"status": "off"}
+        if snapshot.fit is None or not snapshot.fit.cut:
+            return {"status": "nothing left out"}
+        index = retriever.state()
+        return {
+            "status": index.status,
+            "files": index.files,
+            "bytes": index.bytes,
+            "build_seconds": round(index.build_seconds, 3),
+            "commit": index.commit,
+        }
 
 
 def model_card(model_id: str) -> dict[str, Any]:

@@ -55,15 +55,18 @@ def _tokenizer_failed(state: ScoutState, error: TokenizeFailed) -> None:
 async def fitted_context(
     state: ScoutState, settings: Settings, provider: ContextProvider
 ) -> tuple[RepoContext, Window, WindowBudget]:
-    """HEAD's context with message 1 fitted to its share of the window."""
+    """HEAD's context with message 1 fitted to its share of the window (and the index of what it left out started)."""
     window = await current_window(state, settings)
     budget = window_budget(settings, window.tokens, measure_for(state, settings))
     try:
-        return await provider.current(budget), window, budget
+        context = await provider.current(budget)
     except TokenizeFailed as e:
         _tokenizer_failed(state, e)
-    budget = window_budget(settings, window.tokens, estimate(settings))
-    return await provider.current(budget), window, budget
+        budget = window_budget(settings, window.tokens, estimate(settings))
+        context = await provider.current(budget)
+    if state.retriever is not None and settings.retrieval_tokens != 0:
+        state.retriever.start(context.snapshot)  # nothing to do when it has this message 1's index
+    return context, window, budget
 
 
 async def fit_chat(

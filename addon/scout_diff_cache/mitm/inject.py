@@ -29,10 +29,11 @@ from ..context.provider import ContextProvider, RepoContext
 from ..git.repo import GitError
 from ..observe.verdict import tools_key
 from ..settings import Settings
-from ..text import human_bytes, short_commit
+from ..text import human_bytes, path_text, short_commit
 from .conversations import Turn, continued, fresh, message_hashes
 from .fitting import fit_chat, fitted_context
 from .hooks import error_response, request_hook
+from .retrieve import RetrievalNote, with_retrieval
 from .state import METADATA_KEY, ChatRecord, ScoutState
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,9 @@ class ContextInjection:
         turn = await self.lay_out(
             settings, provider, chat, context, window=window, budget=budget, client_bytes=len(body)
         )
+        turn, retrieval = await with_retrieval(
+            self.state, settings, chat, turn, current=context.snapshot, window=window, budget=budget
+        )
         fit = turn.fit
         context = RepoContext(turn.snapshot, fit.diff)
         assembled = assemble_body(
@@ -173,7 +177,10 @@ class ContextInjection:
         self.state.snapshot_index.remember(context.snapshot)
         base_url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
         history = self.state.tracker.before_send(base_url, context.snapshot, tools_key(chat.fields))
-        injected_bytes = sum(len(injection.message_json) for injection in turn.injections)
+        # The working diff and change messages; retrieved files are counted apart (metrics, x-scout-retrieval).
+        injected_bytes = sum(
+            len(injection.message_json) for injection in turn.injections if injection.kind != "retrieved"
+        )
         self.state.chats[flow.id] = ChatRecord(
             snapshot=context.snapshot,
             diff_bytes=injected_bytes,
@@ -186,9 +193,11 @@ class ContextInjection:
             diff_cut=fit.diff_cut,
             window_header=window_header(fit, window, context.snapshot.fit),
             conversation=conversation_note(turn),
+            retrieval=header_safe(retrieval_header(retrieval)) if retrieval else "",
+            retrieved=retrieval.files_header if retrieval else "",
         )
         self.state.metrics.injected(len(body), injected_bytes)
-        annotate(flow, context, assembled, fit_record(fit, window), conversation_note(turn))
+        annotate(flow, context, assembled, fit_record(fit, window), conversation_note(turn), retrieval=retrieval)
         flow.metadata[METADATA_KEY].update(expected=history.expectation(), stream_usage_added=usage_added)
         logger.debug(
             "chat request: snapshot %s (%s, %d files), diff %s (%d files), body %s, prepared in %.0f ms",
@@ -271,8 +280,24 @@ def conversation_note(turn: Turn) -> str:
     return "conversation laid out afresh (no longer fits)" if turn.description == "fell back" else ""
 
 
+def retrieval_header(note: RetrievalNote) -> str:
+    """x-scout-retrieval: 'retrieved 2 files (3,412 tokens)', or why nothing was: 'index building', ..."""
+    return f"retrieved {note.detail}" if note.retrieved else f"{note.outcome.replace('_', ' ')}: {note.detail}"
+
+
+def header_safe(text: str, limit: int = 300) -> str:
+    """Printable ASCII only (a git error may carry anything), at most ``limit`` characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:limit]
+
+
 def annotate(
-    flow: http.HTTPFlow, context: RepoContext, assembled: AssembledBody, fit: dict[str, object], conversation: str
+    flow: http.HTTPFlow,
+    context: RepoContext,
+    assembled: AssembledBody,
+    fit: dict[str, object],
+    conversation: str,
+    *,
+    retrieval: RetrievalNote | None = None,
 ) -> None:
     """The flow's metadata (small: sizes and spans, no snapshot) and its mitmweb comment."""
     snapshot_span, diff_span, *injected_spans = assembled.context_spans
@@ -297,12 +322,20 @@ def annotate(
         "body_bytes": len(assembled.body),
         "fit": fit,
         "snapshot_fit": snapshot_fit.as_dict() if snapshot_fit else None,
+        "retrieval": retrieval_header(retrieval) if retrieval else "",
+        "retrieved": [
+            {"path": path_text(found.path), "why": found.reason}
+            for found in (retrieval.retrieved.files if retrieval and retrieval.retrieved else ())
+        ],
     }
+    retrieved_bytes = len(retrieval.retrieved.message_json) if retrieval and retrieval.retrieved else 0
     cut = ""
     if snapshot_fit is not None and snapshot_fit.cut:
         cut = f" · cut to fit: {context.snapshot.outline_count} outlined, {len(snapshot_fit.omitted)} omitted"
     flow.comment = (
         f"snap {short_commit(context.snapshot.commit)} · {human_bytes(context.snapshot.size)}{cut} · "
-        f"diff {human_bytes(sum(end - start for start, end in (diff_span, *injected_spans)))}"
-        f"{' (cut to fit)' if fit['diff_cut'] else ''}" + (f" · {conversation}" if conversation else "")
+        f"diff {human_bytes(sum(end - start for start, end in (diff_span, *injected_spans)) - retrieved_bytes)}"
+        f"{' (cut to fit)' if fit['diff_cut'] else ''}"
+        + (f" · {conversation}" if conversation else "")
+        + (f" · {retrieval.summary}" if retrieval else "")
     )

@@ -29,6 +29,7 @@ from mitmproxy.addonmanager import Loader
 
 from .. import __version__
 from ..chat.conversation import ConversationStore
+from ..context.retrieval import Retriever
 from ..git.repo import GitError
 from ..settings import (
     CONFIG_OPTION,
@@ -129,6 +130,7 @@ class ScoutOptions:
         self.done()
         self.state.settings, self.state.provider = settings, provider
         self.state.conversations = ConversationStore(settings.max_conversations)  # a new repository: none continue
+        self.state.retriever = Retriever(provider.repo, provider.snapshot_limits)
         logger.info(
             "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
             __version__,
@@ -141,6 +143,8 @@ class ScoutOptions:
     def done(self) -> None:
         if self.state.provider is not None:
             self.state.provider.monitor.stop()
+        if self.state.retriever is not None:
+            self.state.retriever.close()
 
 
 def option_changed(name: str) -> bool:

@@ -13,6 +13,7 @@ from ..chat.conversation import ConversationStore
 from ..chat.errors import ApiError
 from ..chat.usage import StreamUsageTap
 from ..context.provider import ContextProvider
+from ..context.retrieval import Retriever
 from ..context.snapshot import Snapshot
 from ..observe.metrics import ProxyMetrics
 from ..observe.tokencount import TokenCounter
@@ -44,6 +45,8 @@ class ChatRecord:
     diff_cut: bool = False  # the working diff was cut so the request fits the window
     window_header: str = ""  # x-scout-window: how the request was fitted to the model's window
     conversation: str = ""  # how the conversation layout placed it ("continued: N changes", "fresh", ...)
+    retrieval: str = ""  # x-scout-retrieval: what retrieval did ("" when message 1 left nothing out)
+    retrieved: str = ""  # x-scout-retrieved: the files retrieved in full, and why
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ScoutState:
     tokenizer: UpstreamTokenizer | None = None  # the upstream's tokenize API, when it has one
     learning: asyncio.Task[None] | None = None  # the window and tokenizer being asked for
     conversations: ConversationStore = field(default_factory=lambda: ConversationStore(0))
+    retriever: Retriever | None = None  # the search index of the files message 1 left out
 
     def configured(self) -> tuple[Settings, ContextProvider]:
         """Settings and provider; a 503 until configure succeeded (only between a bad setting and exit)."""

@@ -129,7 +129,7 @@ class CacheVerdicts:
             flow.comment = f"{flow.comment} · {result}" if flow.comment else result
         fit = record.snapshot.fit
         logger.info(
-            "chat %s in %.2f s · snap %s · %s%s · diff %s%s%s%s · %s%s",
+            "chat %s in %.2f s · snap %s · %s%s · diff %s%s%s%s%s · %s%s",
             status,
             time.perf_counter() - record.started,
             short_commit(record.snapshot.commit),
@@ -140,6 +140,7 @@ class CacheVerdicts:
             human_bytes(record.diff_bytes),
             " (cut to fit the window)" if record.diff_cut else "",
             f" · {record.conversation}" if record.conversation else "",
+            f" · {record.retrieval}" if record.retrieval else "",
             token_figures(verdict, usage),
             result if verdict is not None else f"no verdict ({result})",
             f" - {verdict.detail}" if verdict is not None and verdict.cause else "",
@@ -176,6 +177,10 @@ def add_context_headers(headers: http.Headers, record: ChatRecord) -> None:
     headers["x-scout-cache-expected"] = expected
     if record.window_header:
         headers["x-scout-window"] = record.window_header
+    if record.retrieval:
+        headers["x-scout-retrieval"] = record.retrieval
+    if record.retrieved:
+        headers["x-scout-retrieved"] = record.retrieved
 
 
 def verdict_header(verdict: CacheVerdict, usage: UpstreamUsage | None = None) -> str:

@@ -17,6 +17,9 @@ BUILD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 DIFF_BYTES_BUCKETS = (0, 1e3, 1e4, 1e5, 1e6, 1e7)
 
 
+RETRIEVAL_OUTCOMES = ("retrieved", "nothing_found", "no_room", "index_building", "failed")
+
+
 class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -78,6 +81,19 @@ class ProxyMetrics:
         )
         for layout in ("continued", "fresh", "fell_back"):
             self.conversation_turns.labels(layout)
+        self.retrievals = Counter(
+            "scout_retrievals",
+            "Chat requests whose message 1 left files out, by retrieval outcome: retrieved (files added in full), "
+            "nothing_found, no_room (the window had none left), index_building, failed.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in RETRIEVAL_OUTCOMES:
+            self.retrievals.labels(outcome)
+        self.retrieved_files = Counter("scout_retrieved_files", "Files retrieved in full for questions.", registry=r)
+        self.retrieved_tokens = Counter(
+            "scout_retrieved_tokens", "Tokens of the retrieved files' messages, as counted to fit them.", registry=r
+        )
         self.prewarm_seconds = Histogram(
             "scout_prewarm_seconds",
             "Time the upstream took to prefill a new base.",
@@ -109,6 +125,11 @@ class ProxyMetrics:
 
     def conversation_turn(self, layout: str) -> None:
         self.conversation_turns.labels(layout.replace(" ", "_")).inc()
+
+    def retrieval(self, outcome: str, files: int = 0, tokens: int = 0) -> None:
+        self.retrievals.labels(outcome).inc()
+        self.retrieved_files.inc(files)
+        self.retrieved_tokens.inc(tokens)
 
     def error(self, status: int, source: str) -> None:
         self.errors.labels(str(status), source).inc()

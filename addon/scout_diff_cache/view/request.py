@@ -8,12 +8,14 @@ edited in mitmweb, or a request the proxy did not rewrite, is parsed in full ins
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..context.changes import TEXT_START as CHANGES_TEXT_START
 from ..context.framing import MESSAGE_END, MESSAGE_HEAD, TRIMMED_SNAPSHOT_PREFIX, message_content_span
+from ..context.retrieval import TEXT_START as RETRIEVAL_TEXT_START
 from ..context.snapshot import PREAMBLE
 from .format import clip, inline
 from .messages import message_section
@@ -24,6 +26,7 @@ SMALL_MESSAGE_BYTES = 1 << 20
 # Stand-ins for the context messages: the rest of the body is parsed with these in their place.
 _SNAPSHOT_STAND_IN = "\0scout-diff-cache snapshot span"
 _DIFF_STAND_IN = "\0scout-diff-cache diff span"
+_FILE_BLOCK_PATH = re.compile(r'^<file path=("(?:[^"\\\n]|\\.)*")>$', re.MULTILINE)
 _SNAPSHOT_TEXT_START = PREAMBLE.partition(":")[0]  # "This is a snapshot of a git repository"
 _TOOLS_NOTE = (
     "note: with tools, Llama 4's chat template writes 'Environment: ipython' (and possibly the tools) "
@@ -59,9 +62,14 @@ def render_request(
     context = [
         name for name, part in (("snapshot", layout.snapshot), ("working diff", layout.diff)) if part is not None
     ]
-    changes = sum(is_change_message(message) for message in layout.conversation) if proxy_metadata else 0
-    injected = [f"{changes} change message{'s' if changes != 1 else ''}"] if changes else []
-    described = ", ".join([*context, *injected, f"{len(layout.conversation) - changes} from the client"])
+    kinds = [injected_kind(message) if proxy_metadata else None for message in layout.conversation]
+    injected = [
+        f"{count} {name}{'s' if count != 1 else ''}"
+        for kind, name in (("changes", "change message"), ("retrieved", "retrieved-files message"))
+        if (count := kinds.count(kind))
+    ]
+    own = kinds.count(None)
+    described = ", ".join([*context, *injected, f"{own} from the client"])
     lines = [comment, ""] if comment else []
     lines.append(
         f"chat completion request · {len(body):,} bytes · {len(context) + len(layout.conversation)} messages: "
@@ -76,22 +84,36 @@ def render_request(
         lines += ["", *section]
     if layout.diff is not None:
         lines += ["", "=== messages[1] system · working diff ===", layout.diff.rstrip("\n")]
-    for offset, message in enumerate(layout.conversation):
+    for offset, (message, kind) in enumerate(zip(layout.conversation, kinds, strict=True)):
         title = f"messages[{len(context) + offset}]"
-        if proxy_metadata and is_change_message(message):
+        if kind == "changes":
             title += " (changes since the previous context message, injected by the proxy)"
-        lines += ["", *message_section(title, message)]
+        elif kind == "retrieved":
+            title += " (left-out files retrieved for the question, injected by the proxy)"
+        section = message_section(title, message)
+        if kind == "retrieved":
+            section.insert(1, "files: " + ", ".join(retrieved_paths(message["content"])))
+        lines += ["", *section]
     if paths:
         lines += ["", *paths]
     return "\n".join(lines) + "\n"
 
 
-def is_change_message(message: object) -> bool:
-    """A continuing conversation's change message (conversation layout), among the client's messages."""
+def injected_kind(message: object) -> str | None:
+    """ "changes" or "retrieved" for a context message the proxy put among the client's; None otherwise."""
     if not isinstance(message, dict) or message.get("role") != "system":
-        return False
+        return None
     content = message.get("content")
-    return isinstance(content, str) and content.startswith(CHANGES_TEXT_START)
+    if not isinstance(content, str):
+        return None
+    if content.startswith(CHANGES_TEXT_START):
+        return "changes"
+    return "retrieved" if content.startswith(RETRIEVAL_TEXT_START) else None
+
+
+def retrieved_paths(content: str) -> list[str]:
+    """The paths of the file blocks in a retrieval message."""
+    return [json.loads(quoted) for quoted in _FILE_BLOCK_PATH.findall(content)]
 
 
 def layout_from_spans(body: bytes, proxy_metadata: Mapping[str, Any]) -> ChatLayout | None:
