@@ -94,12 +94,67 @@ NEEDLES = [
 NAMED = NEEDLES[:20]  # asked by name
 DESCRIBED = NEEDLES[20:]  # asked by what they do
 
-_WORDS = (
-    "order item parcel invoice customer payment refund carrier label stock product price tax discount "
-    "cart session user account report ledger balance shipment warehouse bin supplier catalog coupon "
-    "ticket queue batch record entry total amount weight size rate fee limit window period"
-).split()
-_VERBS = "load save update check build apply find list count format parse render send read merge sort".split()
+_WORDS = [
+    "order",
+    "item",
+    "parcel",
+    "invoice",
+    "customer",
+    "payment",
+    "refund",
+    "carrier",
+    "label",
+    "stock",
+    "product",
+    "price",
+    "tax",
+    "discount",
+    "cart",
+    "session",
+    "user",
+    "account",
+    "report",
+    "ledger",
+    "balance",
+    "shipment",
+    "warehouse",
+    "bin",
+    "supplier",
+    "catalog",
+    "coupon",
+    "ticket",
+    "queue",
+    "batch",
+    "record",
+    "entry",
+    "total",
+    "amount",
+    "weight",
+    "size",
+    "rate",
+    "fee",
+    "limit",
+    "window",
+    "period",
+]
+_VERBS = [
+    "load",
+    "save",
+    "update",
+    "check",
+    "build",
+    "apply",
+    "find",
+    "list",
+    "count",
+    "format",
+    "parse",
+    "render",
+    "send",
+    "read",
+    "merge",
+    "sort",
+]
 _SENTENCES = [
     "Return the {a} for the given {b}.",
     "Look up the {a} of every {b} in the store.",

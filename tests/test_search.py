@@ -183,7 +183,7 @@ def test_a_new_commit_rereads_only_the_changed_left_out_files(make_repo: Callabl
     repo = make_repo({**FILES, "kept.py": "def kept():\n    pass\n"})
     fit = FitReport(100, "estimate", 1000, cut=True, omitted=[Omitted(path.encode(), 10) for path in FILES])
     git = CountingRepo(str(repo.path))
-    index = build_index(git, repo.head(), fit, limits())
+    index = build_index(git, repo.head(), fit, {"kept.py"})
     assert len(index) == len(FILES) and b"kept.py" not in index.slot_of
     assert b"kept" in index.defined_in_context  # kept.py is in full: what it defines is no reason
     repo.write({"net/retry.py": "def backoff_delay(attempt):\n    '''Linear backoff now.'''\n", "new.py": "x = 1\n"})

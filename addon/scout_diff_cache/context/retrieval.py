@@ -18,8 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..git.repo import MODE_SYMLINK, GitError, GitRepo, TreeEntry
-from ..text import display, is_binary, short_commit
+from ..git.repo import MODE_SYMLINK, GitError, GitRepo
+from ..text import display, is_binary, path_text, short_commit
 from .fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS, FitReport
 from .framing import system_message_json
 from .search import SearchIndex, definitions
@@ -113,12 +113,14 @@ class Retriever:
         self._fit, self._index, self._failed, self._ready = fit, None, "", IndexState("none")
         if self._build is not None:
             self._build.cancel()  # the thread finishes, its index is dropped
-        self._build = asyncio.create_task(self._run_build(snapshot.commit, fit), name="scout search index")
+        self._build = asyncio.create_task(
+            self._run_build(snapshot.commit, fit, in_full(snapshot)), name="scout search index"
+        )
 
-    async def _run_build(self, commit: str, fit: FitReport) -> None:
+    async def _run_build(self, commit: str, fit: FitReport, full: set[str]) -> None:
         started = time.perf_counter()
         try:
-            index = await asyncio.to_thread(build_index, self.repo, commit, fit, self.limits)
+            index = await asyncio.to_thread(build_index, self.repo, commit, fit, full)
         except GitError as e:
             if self._fit is fit:
                 self._failed = str(e)
@@ -167,23 +169,25 @@ def candidates(fit: FitReport) -> set[bytes]:
     return {item.path for item in fit.omitted} | {item.path for item in fit.outlined}
 
 
-def _readable(entry: TreeEntry, limits: SnapshotLimits) -> bool:
-    return (
-        entry.kind == "blob"
-        and entry.mode != MODE_SYMLINK
-        and (entry.size or 0) <= limits.max_file_bytes
-        and not limits.path_filter.excludes(entry.path)
-    )
+def in_full(snapshot: Snapshot) -> set[str]:
+    """The paths (as text) of the files message 1's base gives in full."""
+    outlined = {path_text(item.path) for item in snapshot.fit.outlined} if snapshot.fit else set()
+    end = snapshot.history_start if snapshot.history_start is not None else len(snapshot.message_json)
+    return {path for offset, path in snapshot.regions if path is not None and offset < end} - outlined
 
 
-def build_index(repo: GitRepo, commit: str, fit: FitReport, limits: SnapshotLimits) -> SearchIndex:
-    """Blocking: the index of ``fit``'s left-out files as they are at ``commit``."""
+def build_index(repo: GitRepo, commit: str, fit: FitReport, full: set[str]) -> SearchIndex:
+    """Blocking: the index of ``fit``'s left-out files as they are at ``commit``.
+
+    ``full``: the paths message 1 gives in full (``in_full``): what they define is no reason to
+    retrieve a file. Both sets passed message 1's limits: no sizes are asked for.
+    """
     wanted = candidates(fit)
-    entries = [entry for entry in repo.ls_tree(commit) if _readable(entry, limits)]
+    entries = [entry for entry in repo.ls_tree(commit, sizes=False) if entry.kind == "blob"]
+    entries = [entry for entry in entries if entry.mode != MODE_SYMLINK]
     left_out = [entry for entry in entries if entry.path in wanted]
-    in_full = [entry for entry in entries if entry.path not in wanted]
     defined: set[bytes] = set()
-    blobs = repo.read_blobs([entry.oid for entry in in_full])
+    blobs = repo.read_blobs([entry.oid for entry in entries if path_text(entry.path) in full])
     try:
         for data in blobs:
             if not is_binary(data):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .terms import path_mentions, path_words, question_terms, question_words, split_word, word_counts
+from .terms import MAX_WORD_BYTES, path_mentions, path_words, question_terms, question_words, split_words, word_counts
 
 K1 = 1.2
 B = 0.75
@@ -110,7 +110,8 @@ class Segment:
         owners = np.repeat(np.asarray(slots, dtype=np.int64), [len(file[0]) for file in files])
         order = np.argsort(ids, kind="stable")
         self.slots, self.counts = owners[order], counts[order]
-        self.starts = np.searchsorted(ids[order], np.arange(words + 1))
+        self.starts = np.zeros(words + 1, dtype=np.int64)
+        np.cumsum(np.bincount(ids, minlength=words), out=self.starts[1:])
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -163,8 +164,9 @@ class SearchIndex:
         for word in path_words(path):
             counts[word] += PATH_WEIGHT
         vocabulary = self.vocabulary
-        for word in [word for word in counts if word not in vocabulary]:
-            self._register(word)
+        new = [word for word in counts if word not in vocabulary]
+        if new:
+            self._register(new)
         ids = np.fromiter(map(vocabulary.__getitem__, counts), dtype=np.int64, count=len(counts))
         frequencies = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
         length = int((np.frombuffer(self.weights, dtype=np.int64)[ids] * frequencies).sum()) if len(ids) else 0
@@ -178,14 +180,36 @@ class SearchIndex:
         self.total_length += length
         self.pending.append(slot)
 
-    def _register(self, word: bytes) -> None:
-        """A word seen for the first time: an id, and the terms it stands for learn it."""
-        word_id = len(self.weights)
-        self.vocabulary[word] = word_id
-        terms = split_word(word)
-        self.weights.append(len(terms))
-        for term in terms:
-            self.term_words.setdefault(term, []).append(word_id)
+    def _register(self, words: list[bytes]) -> None:
+        """Words seen for the first time: ids, and the terms they stand for learn them (in bulk: this is hot).
+
+        A *plain* word (lowercase, no underscore: most words) is its own only term and is found
+        through the vocabulary itself (``words_of``); only the others are split and listed per term.
+        """
+        start = len(self.weights)
+        self.vocabulary.update(zip(words, range(start, start + len(words)), strict=True))
+        lowered = b"\n".join(words).lower().split(b"\n")
+        plain = [
+            word == low and b"_" not in word and 2 <= len(word) <= MAX_WORD_BYTES
+            for word, low in zip(words, lowered, strict=True)
+        ]
+        self.weights.extend(plain)  # 1 for a plain word; the others are set below
+        others = [index for index, is_plain in enumerate(plain) if not is_plain]
+        term_words = self.term_words
+        for index, terms in zip(others, split_words([words[index] for index in others]), strict=True):
+            self.weights[start + index] = len(terms)
+            for term in terms:
+                ids = term_words.get(term)
+                if ids is None:
+                    term_words[term] = [start + index]
+                else:
+                    ids.append(start + index)
+
+    def words_of(self, term: bytes) -> list[int]:
+        """The ids of the words that stand for ``term``: the plain word itself, and the words split into it."""
+        found = self.term_words.get(term, [])
+        word_id = self.vocabulary.get(term)  # terms are lowercase: a word spelt like one without "_" is plain
+        return [word_id, *found] if word_id is not None and b"_" not in term else found
 
     def remove(self, path: bytes) -> None:
         slot = self.slot_of.pop(path, None)
@@ -276,17 +300,18 @@ class SearchIndex:
     def scored(self, terms: Sequence[bytes]) -> list[Hit]:
         """BM25 over the live files for the question's terms (its MAX_QUERY_TERMS rarest), best first."""
         live_count = len(self.slot_of)
-        known = [term for term in terms if term in self.term_words]
+        words = {term: found for term in terms if (found := self.words_of(term))}
+        known = list(words)
         if not live_count or not known:
             return []
         # Rarest first by how many words carry the term: cheap, and exact enough to choose by.
-        known.sort(key=lambda term: (len(self.term_words[term]), term))
+        known.sort(key=lambda term: (len(words[term]), term))
         live = self._live()
         lengths = np.asarray(self.lengths, dtype=np.float64)
         norm = K1 * (1 - B + B * lengths / (self.total_length / live_count))
         scores = np.zeros(len(self.paths))
         for term in sorted(known[:MAX_QUERY_TERMS]):
-            counts = self._counts(self.term_words[term])
+            counts = self._counts(words[term])
             counts[~live] = 0
             frequency = int(np.count_nonzero(counts))
             if frequency:

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 
 _WORD_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") | frozenset(range(128, 256))
 _TO_SPACE = bytes(byte if byte in _WORD_BYTES else 0x20 for byte in range(256))
-_PARTS = re.compile(rb"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+|[\x80-\xff]+")
+_LOWER_UPPER = re.compile(rb"([a-z0-9])([A-Z])")  # parseHttp -> parse_Http
+_ACRONYM_END = re.compile(rb"([A-Z])([A-Z][a-z])")  # HTTPRequest -> HTTP_Request
 _PATH_LIKE = re.compile(r"[\w.\-/]*[./][\w.\-/]*\w")
 
 MIN_TERM_BYTES = 2
@@ -40,22 +41,31 @@ def path_words(path: bytes) -> list[bytes]:
     return [word for word in path.translate(_TO_SPACE).split() if len(word) <= MAX_WORD_BYTES]
 
 
+def split_words(words: list[bytes]) -> list[tuple[bytes, ...]]:
+    """Each word's terms: its lowercased parts, and the whole word lowercased when it has several.
+
+    Parts are cut at underscores and where case changes (``parseHTTPRequest``: parse, http,
+    request; digits stay with what they follow: ``sha256``). All words at once: two regex passes
+    over them joined, then plain splits: this runs for every new word of a repository.
+    """
+    if not words:
+        return []
+    joined = _ACRONYM_END.sub(rb"\1_\2", _LOWER_UPPER.sub(rb"\1_\2", b"\n".join(words)))
+    found: list[tuple[bytes, ...]] = []
+    for word, cut in zip(words, joined.lower().split(b"\n"), strict=True):
+        parts = [part for part in cut.split(b"_") if len(part) >= MIN_TERM_BYTES]
+        if len(parts) > 1 and len(word) <= MAX_WORD_BYTES:
+            whole = word.lower().strip(b"_")
+            found.append((*parts, whole) if whole not in parts else tuple(parts))
+        elif parts and len(word) <= MAX_WORD_BYTES:
+            found.append((word.lower().strip(b"_"),))
+        else:
+            found.append(())
+    return found
+
+
 def split_word(word: bytes) -> tuple[bytes, ...]:
-    """A word's terms: its lowercased parts, and the whole word lowercased when it has several."""
-    if len(word) > MAX_WORD_BYTES:
-        return ()
-    lowered = word.lower()
-    if lowered == word:  # no capitals: only underscores split it (no regex: most words are like this)
-        if b"_" not in word:
-            return (word,) if len(word) >= MIN_TERM_BYTES else ()
-        parts = [part for part in word.split(b"_") if len(part) >= MIN_TERM_BYTES]
-    else:
-        parts = [part.lower() for part in _PARTS.findall(word) if len(part) >= MIN_TERM_BYTES]
-    whole = lowered.strip(b"_")
-    if len(parts) > 1:
-        parts.append(whole)
-        return tuple(dict.fromkeys(parts))
-    return (whole,) if parts else ()
+    return split_words([word])[0]
 
 
 def question_terms(words: Iterable[bytes]) -> list[bytes]:

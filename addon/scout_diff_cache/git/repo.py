@@ -208,16 +208,19 @@ class GitRepo:
                 return None
         raise GitError(f"HEAD of {self.toplevel} does not point to a commit")
 
-    def ls_tree(self, commit: str) -> list[TreeEntry]:
-        """Every entry of the commit's tree, recursively, with blob sizes."""
-        out = self.run("ls-tree", "-r", "-z", "-l", "--full-tree", commit)
+    def ls_tree(self, commit: str, sizes: bool = True) -> list[TreeEntry]:
+        """Every entry of the commit's tree, recursively, with blob sizes unless ``sizes`` is false.
+
+        Sizes cost a lookup of every blob's header (most of the time for loose objects).
+        """
+        out = self.run("ls-tree", "-r", "-z", *(["-l"] if sizes else []), "--full-tree", commit)
         entries = []
         for record in out.split(b"\0"):
             if not record:
                 continue
             meta, _, path = record.partition(b"\t")
-            mode, kind, oid, size = meta.decode().split()
-            entries.append(TreeEntry(mode, kind, oid, None if size == "-" else int(size), path))
+            mode, kind, oid, *size = meta.decode().split()
+            entries.append(TreeEntry(mode, kind, oid, None if not size or size[0] == "-" else int(size[0]), path))
         return entries
 
     def read_blobs(self, oids: Sequence[str]) -> Generator[bytes]:
