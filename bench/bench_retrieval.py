@@ -7,7 +7,8 @@ to a temp repository removed after; ``--repo PATH`` uses a clone of a real repos
 (``--window``, default 1M tokens: 8xH100) with estimated tokens, and the index is built of what it
 leaves out, as the proxy does. Prints, measured in this run:
 
-- index build: MB of left-out files per second, reading them from git included (goal >= 20 MB/s);
+- index build: MB of left-out files per second, reading them from git included (goal >= 20 MB/s),
+  and how much resident memory (``/proc``) the index holds, files included;
 - the update after a one-file commit against the full build (goal: O(changed files));
 - retrieval latency per request (search, then fitting the found files into RETRIEVAL_TOKENS),
   p50 and p99 over every question, asked through the proxy's own ``Retriever`` from an event loop
@@ -59,6 +60,14 @@ def plant_needles(repo: Repo) -> str:
     files = needle_files()
     repo.write({needle.path: files[needle.path] for needle in NEEDLES})
     return repo.commit_all("plant the needles")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -158,14 +167,18 @@ def main() -> None:
             f"{snapshot.size / 1e6:.1f} MB, {len(left_out):,} files left out or outlined"
             + (f" (needles in full, not counted as left out: {len(missing)})" if missing else "")
         )
+        before = rss_bytes()
         started = time.perf_counter()
         index = build_index(git, head, snapshot.fit, in_full(snapshot))
         seconds = time.perf_counter() - started
         rate = index.indexed_bytes / 1e6 / seconds
+        grown = rss_bytes() - before
         print(
             f"index build: {index.indexed_bytes / 1e6:.1f} MB, {len(index):,} files in {seconds:.2f} s "
             f"= {rate:.1f} MB/s "
-            f"(goal >= {GOAL_MB_PER_SECOND} MB/s) {'MET' if rate >= GOAL_MB_PER_SECOND else 'NOT MET'}"
+            f"(goal >= {GOAL_MB_PER_SECOND} MB/s) {'MET' if rate >= GOAL_MB_PER_SECOND else 'NOT MET'}; "
+            f"resident memory grew {grown / 1e6:.0f} MB = {grown / index.indexed_bytes:.1f}x the files indexed "
+            f"({len(index.vocabulary):,} distinct words)"
         )
         edited = sorted(path.decode() for path in left_out if path.endswith(b".py"))[len(left_out) // 3]
         target = repo.path / edited

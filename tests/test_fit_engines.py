@@ -10,8 +10,9 @@ proxy processes. Only the proxy's own 400 answers a conversation the window cann
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import openai
@@ -115,6 +116,12 @@ def test_a_large_working_diff_is_cut_so_the_request_fits(
     assert json.dumps(answer.body)  # an ordinary answer
 
 
+def retrieved_tokens(headers: Mapping[str, str]) -> int:
+    """The tokens of the retrieved files' message, from x-scout-retrieval ("retrieved 2 files (1,234 tokens)")."""
+    found = re.match(r"retrieved \d+ files? \(([\d,]+) tokens\)", headers.get("x-scout-retrieval", ""))
+    return int(found.group(1).replace(",", "")) if found else 0
+
+
 def test_a_conversation_continued_after_an_edit_and_a_commit_prefills_only_what_is_new(
     small_llama: LlamaServer, start_proxy: StartProxy, make_repo: Callable[..., Repo]
 ) -> None:
@@ -130,11 +137,34 @@ def test_a_conversation_continued_after_an_edit_and_a_commit_prefills_only_what_
     second = converse(proxy, messages)
     # All of the first prompt but its generation prompt (the assistant header the answer follows).
     assert second.cached_tokens >= first.prompt_tokens - GENERATION_PROMPT_TOKENS, (second.cached_tokens, first)
-    # The answer, the change message (about 550 bytes: one token each for this model) and the question.
-    assert second.timings["prompt_n"] < 800
+    # The answer, the change message (about 550 bytes: one token each for this model), the question,
+    # and the left-out files retrieved for it (issue 14; kept in place on the next turn).
+    assert second.timings["prompt_n"] < 800 + retrieved_tokens(second.headers)
     repo.commit_all("commit the edit")
     wait_for_log(proxy, r"snapshot \w+ built")  # the new HEAD seen (a new snapshot for new conversations)
     messages = next_turn(messages, second, "Committed. Anything else?")
     third = converse(proxy, messages)
     assert third.cached_tokens >= second.prompt_tokens - GENERATION_PROMPT_TOKENS, (third.cached_tokens, second)
     assert third.headers["x-scout-cache-expected"].startswith("hit; conversation continued")
+
+
+def test_a_question_about_a_left_out_file_gets_it_counted_by_the_servers_tokenizer(
+    small_llama: LlamaServer, start_proxy: StartProxy, make_repo: Callable[..., Repo]
+) -> None:
+    """Issue 14 on a real engine: the retrieved file is counted by llama.cpp's tokenizer; message 1 stays cached."""
+    repo = make_repo(three_windows("the 16k-window retrieval test"))
+    proxy = start_proxy(small_llama.url, {"GIT_REPO_PATH": str(repo.path)})
+    health_when_exact(proxy)
+    wait_for_log(proxy, r"search index of the \d+ left-out files")
+    first = ask(proxy, "What does f_140_3 return?")
+    assert first.headers["x-scout-retrieved"] == 'pkg/mod_140.py;why="defines f_140_3"'
+    assert first.prompt_tokens < WINDOW
+    tokens = retrieved_tokens(first.headers)
+    # Counted with llama.cpp's own tokenizer (about one token per byte for this model): the file, its
+    # <file> lines and the message's own two lines.
+    file_tokens = len(three_windows("the 16k-window retrieval test")["pkg/mod_140.py"].encode())
+    assert file_tokens <= tokens <= file_tokens + 400, (tokens, file_tokens)
+    second = ask(proxy, "And f_141_0?")
+    assert second.headers["x-scout-retrieved"] == 'pkg/mod_141.py;why="defines f_141_0"'
+    fit = proxy.get("/health").json()["fit"]
+    assert second.cached_tokens >= fit["planned_tokens"] * 9 // 10, (second.cached_tokens, fit)

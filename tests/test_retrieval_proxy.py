@@ -227,3 +227,29 @@ async def test_mitmweb_names_the_retrieved_files(
         assert "messages[2] (left-out files retrieved for the question, injected by the proxy) system" in shown.text
         assert f"files: {needle.path}\n" in shown.text
         assert "1 retrieved-files message, 1 from the client" in shown.text
+
+
+async def test_an_index_that_cannot_be_built_never_fails_a_question(
+    addon: ScoutAddons, make_repo: Callable[..., Repo], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(needle_files())
+
+    def broken_build(*args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(retrieval, "build_index", broken_build)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, scout_git_repo_path=str(repo.path), scout_max_context_tokens=str(WINDOW))
+        body = json.dumps({"model": "m", "messages": question(NAMED[0].named)}).encode()
+        for _ in range(200):
+            flow = tflow.tflow(req=http.Request.make("POST", f"{upstream.url}/v1/chat/completions", body), resp=False)
+            await addon.send_request(flow)
+            assert flow.response is None  # forwarded every time, with message 1 and the working diff
+            assert len(json.loads(flow.request.content or b"")["messages"]) == 3
+            if "index failed" in flow.comment:
+                break
+            await asyncio.sleep(0.02)
+        assert "no retrieval: index failed: RuntimeError: boom" in flow.comment
+        assert (
+            addon.state.retriever is not None and addon.state.retriever.state().status == "failed: RuntimeError: boom"
+        )

@@ -30,20 +30,22 @@ class ConfigError(Exception):
     """A setting has a bad value; the message names the setting, where it came from and why."""
 
 
+_BOOLEANS = (
+    "inject_context",
+    "use_default_excludes",
+    "allow_remote_without_key",
+    "stream_usage",
+    "count_snapshot_tokens",
+    "history_full_files",
+    "prewarm",
+)
+_UNSET_WHEN_EMPTY = ("target_api_key", "proxy_api_key", "upstream_model", "max_context_tokens", "retrieval_tokens")
+
+
 class _Checks(BaseModel):
     """How raw values become settings (booleans, lists, unset) and which are refused; for ``Settings``."""
 
-    @field_validator(
-        "inject_context",
-        "use_default_excludes",
-        "allow_remote_without_key",
-        "stream_usage",
-        "count_snapshot_tokens",
-        "history_full_files",
-        "prewarm",
-        mode="before",
-        check_fields=False,
-    )
+    @field_validator(*_BOOLEANS, mode="before", check_fields=False)
     @classmethod
     def _parse_bool(cls, value: object) -> object:
         if isinstance(value, str):
@@ -66,15 +68,7 @@ class _Checks(BaseModel):
             return tuple(str(p).strip() for p in value if str(p).strip())
         return value
 
-    @field_validator(
-        "target_api_key",
-        "proxy_api_key",
-        "upstream_model",
-        "max_context_tokens",
-        "retrieval_tokens",
-        mode="before",
-        check_fields=False,
-    )
+    @field_validator(*_UNSET_WHEN_EMPTY, mode="before", check_fields=False)
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

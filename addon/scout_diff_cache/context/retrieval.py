@@ -121,10 +121,10 @@ class Retriever:
         started = time.perf_counter()
         try:
             index = await asyncio.to_thread(build_index, self.repo, commit, fit, full)
-        except GitError as e:
+        except Exception as e:  # a git failure, or a bug: requests go on without retrieval, saying why
             if self._fit is fit:
-                self._failed = str(e)
-            logger.warning("the search index of the left-out files could not be built: %s", e)
+                self._failed = str(e) if isinstance(e, GitError) else f"{type(e).__name__}: {e}"
+            logger.warning("the search index of the left-out files could not be built: %s", e, exc_info=True)
             return
         if self._fit is fit:
             seconds = time.perf_counter() - started
@@ -264,12 +264,17 @@ def fit_retrieved(found: Sequence[Found], room: int, measure: TokenMeasure, comm
     chosen, left_out, used = [], [], overhead
     for item, block, tokens in zip(found, blocks, counts, strict=True):
         if used + tokens + BLOCK_SLACK_TOKENS <= room:
-            chosen.append((item, block))
+            chosen.append((item, block, tokens))
             used += tokens + BLOCK_SLACK_TOKENS
         else:
             left_out.append((item, tokens))
     if not chosen:
         return None
-    ordered = sorted(chosen, key=lambda pair: pair[0].path)  # path order: the same files give the same bytes
-    text = retrieval_text(short_commit(commit), [block for _, block in ordered], left_out)
-    return Retrieved(tuple(item for item, _ in chosen), used, measure.name, tuple(left_out), system_message_json(text))
+    files = tuple(item for item, _, _ in chosen)  # best first, for the headers and the log
+    chosen.sort(key=lambda choice: choice[0].path)  # path order: the same files give the same bytes
+    text = retrieval_text(short_commit(commit), [block for _, block, _ in chosen], left_out)
+    # What it holds as counted (the allowances above only made sure it fits): the files and its own lines.
+    tokens = (
+        sum(tokens for _, _, tokens in chosen) + measure.count([retrieval_text(short_commit(commit), [], left_out)])[0]
+    )
+    return Retrieved(files, tokens, measure.name, tuple(left_out), system_message_json(text))

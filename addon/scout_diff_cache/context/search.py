@@ -80,6 +80,14 @@ def defines(content: bytes, name: bytes) -> bool:
     return False
 
 
+def names_code(word: bytes, question: str) -> bool:
+    """An identifier, not an English word: snake_case, camelCase, a digit, or `quoted`/called()."""
+    if _IDENTIFIER_LIKE.fullmatch(word):
+        return True
+    text = word.decode("utf-8", "replace")
+    return f"`{text}" in question or f"{text}(" in question
+
+
 @dataclass(frozen=True)
 class Hit:
     """A file found for a question, and why: "path named", "defines NAME" or "score 7.4"."""
@@ -272,7 +280,7 @@ class SearchIndex:
         live = self._live()
         for word in words:
             word_id = self.vocabulary.get(word)
-            if word_id is None or word in self.defined_in_context or not self._names_code(word, question):
+            if word_id is None or word in self.defined_in_context or not names_code(word, question):
                 continue
             slots = np.flatnonzero((self._counts([word_id]) > 0) & live)
             if not 0 < len(slots) <= DEFINERS_LOOKED_AT:
@@ -283,14 +291,6 @@ class SearchIndex:
                 for path in sorted(definers):
                     hits.setdefault(path, Hit(path, reason, math.inf))
         return list(hits.values())
-
-    @staticmethod
-    def _names_code(word: bytes, question: str) -> bool:
-        """An identifier, not an English word: snake_case, camelCase, a digit, or `quoted`/called()."""
-        if _IDENTIFIER_LIKE.fullmatch(word):
-            return True
-        text = word.decode("utf-8", "replace")
-        return f"`{text}" in question or f"{text}(" in question
 
     def _live(self) -> np.ndarray:
         live = np.zeros(len(self.paths), dtype=bool)
@@ -308,7 +308,7 @@ class SearchIndex:
         known.sort(key=lambda term: (len(words[term]), term))
         live = self._live()
         lengths = np.asarray(self.lengths, dtype=np.float64)
-        norm = K1 * (1 - B + B * lengths / (self.total_length / live_count))
+        norm = K1 * (1 - B + B * lengths / max(self.total_length / live_count, 1.0))
         scores = np.zeros(len(self.paths))
         for term in sorted(known[:MAX_QUERY_TERMS]):
             counts = self._counts(words[term])

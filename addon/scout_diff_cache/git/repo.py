@@ -209,10 +209,7 @@ class GitRepo:
         raise GitError(f"HEAD of {self.toplevel} does not point to a commit")
 
     def ls_tree(self, commit: str, sizes: bool = True) -> list[TreeEntry]:
-        """Every entry of the commit's tree, recursively, with blob sizes unless ``sizes`` is false.
-
-        Sizes cost a lookup of every blob's header (most of the time for loose objects).
-        """
+        """Every entry of the commit's tree, recursively; blob sizes (a lookup of each blob) if ``sizes``."""
         out = self.run("ls-tree", "-r", "-z", *(["-l"] if sizes else []), "--full-tree", commit)
         entries = []
         for record in out.split(b"\0"):

@@ -89,7 +89,11 @@ async def with_retrieval(
     question = question_text(chat.messages)
     if not question:
         return turn, RetrievalNote("nothing_found", "no user message or tool result to search for")
-    lookup = await retriever.lookup(snapshot, question, turn.retrieved)
+    try:
+        lookup = await retriever.lookup(snapshot, question, turn.retrieved)
+    except Exception as e:  # a bug in the search must not fail the question: it goes out without retrieval
+        logger.exception("retrieval failed")
+        lookup = Lookup(f"search failed: {type(e).__name__}: {e}")
     note = await _retrieved(state, settings, lookup, turn, window=window, budget=budget)
     state.metrics.retrieval(
         note.outcome,
