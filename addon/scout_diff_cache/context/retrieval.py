@@ -22,6 +22,7 @@ from ..git.repo import MODE_SYMLINK, GitError, GitRepo
 from ..text import display, is_binary, path_text, short_commit
 from .fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS, FitReport
 from .framing import system_message_json
+from .outline import language_of
 from .search import SearchIndex, definitions
 from .snapshot import Snapshot, SnapshotLimits, file_block
 from .tokens import BYTE_BOUND, TokenMeasure
@@ -179,15 +180,16 @@ def in_full(snapshot: Snapshot) -> set[str]:
 def build_index(repo: GitRepo, commit: str, fit: FitReport, full: set[str]) -> SearchIndex:
     """Blocking: the index of ``fit``'s left-out files as they are at ``commit``.
 
-    ``full``: the paths message 1 gives in full (``in_full``): what they define is no reason to
-    retrieve a file. Both sets passed message 1's limits: no sizes are asked for.
+    ``full``: the paths message 1 gives in full (``in_full``): what their source files define is no
+    reason to retrieve a file. Both sets passed message 1's limits: no sizes are asked for.
     """
     wanted = candidates(fit)
     entries = [entry for entry in repo.ls_tree(commit, sizes=False) if entry.kind == "blob"]
     entries = [entry for entry in entries if entry.mode != MODE_SYMLINK]
     left_out = [entry for entry in entries if entry.path in wanted]
     defined: set[bytes] = set()
-    blobs = repo.read_blobs([entry.oid for entry in entries if path_text(entry.path) in full])
+    sources = [entry for entry in entries if language_of(entry.path) is not None and path_text(entry.path) in full]
+    blobs = repo.read_blobs([entry.oid for entry in sources])
     try:
         for data in blobs:
             if not is_binary(data):

@@ -138,7 +138,8 @@ class SearchIndex:
         self.defined_in_context = defined_in_context
         self.vocabulary: dict[bytes, int] = {}  # word -> id
         self.weights = array("q")  # word id -> how many terms the word stands for
-        self.term_words: dict[bytes, list[int]] = {}  # term -> ids of the words it is part of
+        # term -> ids of the words split into it; arrays, not lists: no int objects, nothing for the GC to scan
+        self.term_words: dict[bytes, array[int]] = {}
         self.paths: list[bytes] = []
         self.oids: list[str] = []
         self.contents: list[bytes] = []  # b"" for a dead slot
@@ -209,15 +210,15 @@ class SearchIndex:
             for term in terms:
                 ids = term_words.get(term)
                 if ids is None:
-                    term_words[term] = [start + index]
+                    term_words[term] = array("q", (start + index,))
                 else:
                     ids.append(start + index)
 
     def words_of(self, term: bytes) -> list[int]:
         """The ids of the words that stand for ``term``: the plain word itself, and the words split into it."""
-        found = self.term_words.get(term, [])
+        found = self.term_words.get(term, ())
         word_id = self.vocabulary.get(term)  # terms are lowercase: a word spelt like one without "_" is plain
-        return [word_id, *found] if word_id is not None and b"_" not in term else found
+        return [word_id, *found] if word_id is not None and b"_" not in term else list(found)
 
     def remove(self, path: bytes) -> None:
         slot = self.slot_of.pop(path, None)
