@@ -21,10 +21,20 @@ import re
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
-from .terms import MAX_WORD_BYTES, path_mentions, path_words, question_terms, question_words, split_words, word_counts
+from .terms import (
+    MAX_WORD_BYTES,
+    MIN_TERM_BYTES,
+    path_mentions,
+    path_words,
+    question_terms,
+    question_words,
+    split_words,
+    word_counts,
+)
 
 K1 = 1.2
 B = 0.75
@@ -190,35 +200,38 @@ class SearchIndex:
         self.pending.append(slot)
 
     def _register(self, words: list[bytes]) -> None:
-        """Words seen for the first time: ids, and the terms they stand for learn them (in bulk: this is hot).
+        """New words: ids, and their terms learn them; a word spelt like its term (most are) is not listed.
 
-        A *plain* word (lowercase, no underscore: most words) is its own only term and is found
-        through the vocabulary itself (``words_of``); only the others are split and listed per term.
+        This is hot: most words (lowercase, no underscore) are not split at all (``words_of``).
         """
         start = len(self.weights)
         self.vocabulary.update(zip(words, range(start, start + len(words)), strict=True))
         lowered = b"\n".join(words).lower().split(b"\n")
-        plain = [
-            word == low and b"_" not in word and 2 <= len(word) <= MAX_WORD_BYTES
-            for word, low in zip(words, lowered, strict=True)
+        others = [
+            index
+            for index, (word, low) in enumerate(zip(words, lowered, strict=True))
+            if word != low or b"_" in word or not MIN_TERM_BYTES <= len(word) <= MAX_WORD_BYTES
         ]
-        self.weights.extend(plain)  # 1 for a plain word; the others are set below
-        others = [index for index, is_plain in enumerate(plain) if not is_plain]
-        term_words = self.term_words
+        self.weights.extend(repeat(1, len(words)))  # a plain word is one term; the others are set below
+        term_words, weights = self.term_words, self.weights
         for index, terms in zip(others, split_words([words[index] for index in others]), strict=True):
-            self.weights[start + index] = len(terms)
+            word_id, word = start + index, words[index]
+            weights[word_id] = len(terms)
             for term in terms:
+                if term == word:
+                    continue  # found through the vocabulary
                 ids = term_words.get(term)
                 if ids is None:
-                    term_words[term] = array("q", (start + index,))
+                    term_words[term] = array("q", (word_id,))
                 else:
-                    ids.append(start + index)
+                    ids.append(word_id)
 
     def words_of(self, term: bytes) -> list[int]:
-        """The ids of the words that stand for ``term``: the plain word itself, and the words split into it."""
+        """The ids of the words that stand for ``term``: the one spelt like it (its own split gives it
+        back), and the words split into it."""
         found = self.term_words.get(term, ())
-        word_id = self.vocabulary.get(term)  # terms are lowercase: a word spelt like one without "_" is plain
-        return [word_id, *found] if word_id is not None and b"_" not in term else list(found)
+        word_id = self.vocabulary.get(term)
+        return [word_id, *found] if word_id is not None else list(found)
 
     def remove(self, path: bytes) -> None:
         slot = self.slot_of.pop(path, None)
