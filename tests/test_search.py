@@ -13,7 +13,7 @@ from needles import DESCRIBED, NAMED, needle_files
 from scout_diff_cache.chat.question import question_text
 from scout_diff_cache.context.fit import FitReport, Omitted
 from scout_diff_cache.context.retrieval import TEXT_START, Found, Retriever, build_index, fit_retrieved, update_index
-from scout_diff_cache.context.search import MAX_RESULTS, SearchIndex, defines, definitions
+from scout_diff_cache.context.search import MAX_MENTIONS, MAX_RESULTS, SearchIndex, defines, definitions
 from scout_diff_cache.context.snapshot import Snapshot, SnapshotLimits
 from scout_diff_cache.context.terms import path_mentions, question_terms, split_word
 from scout_diff_cache.context.tokens import BytesPerTokenRule
@@ -213,3 +213,22 @@ async def test_the_retriever_answers_index_building_until_its_build_is_done(make
     held = {b"net/retry.py": lookup.found[0].oid}
     again = await retriever.lookup(snapshot, "backoff_delay", held)
     assert b"net/retry.py" not in [item.path for item in again.found]  # held and unchanged: not again
+
+
+def test_a_huge_question_is_searched_with_bounded_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool result of thousands of names and paths must not cost seconds per request (the lock is held)."""
+    index = index_of(FILES)
+    looked_up: list[bytes] = []
+    real = SearchIndex.defining
+
+    def counting(self: SearchIndex, word: bytes) -> list[bytes]:
+        looked_up.append(word)
+        return real(self, word)
+
+    monkeypatch.setattr(SearchIndex, "defining", counting)
+    flood = " ".join(f"name_{i} dir{i}/file_{i}.py" for i in range(5000)) + " backoff_delay"
+    messages = [{"role": "user", "content": "why?"}, *({"role": "tool", "content": flood} for _ in range(20))]
+    question = question_text(messages)
+    assert len(question) <= 2 * 65536
+    index.search(question)
+    assert len(looked_up) <= MAX_MENTIONS

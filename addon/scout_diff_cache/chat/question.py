@@ -2,8 +2,8 @@
 
 In an agent's loop the conversation ends with the user's request, then assistant turns calling
 tools and the tools' results; what the next answer needs is named in both. Only text counts
-(strings and text parts); each message is read up to ``MAX_QUESTION_CHARS`` (ranking needs no
-more; nothing is cut from what is sent).
+(strings and text parts); each message is read up to ``MAX_QUESTION_CHARS``, all of them up to
+twice that (ranking needs no more; nothing is cut from what is sent).
 """
 
 from __future__ import annotations
@@ -38,4 +38,4 @@ def question_text(messages: Sequence[Mapping[str, Any]]) -> str:
             in_tail = False
         elif role in ("tool", "function") and in_tail:
             tool_results.append(message_text(message))
-    return "\n".join([user, *reversed(tool_results)]).strip()
+    return "\n".join([user, *reversed(tool_results)]).strip()[: 2 * MAX_QUESTION_CHARS]

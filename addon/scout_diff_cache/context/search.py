@@ -43,6 +43,7 @@ MAX_QUERY_TERMS = 48  # a long question (tool results) is searched by its rarest
 MAX_RESULTS = 8  # files ranked by score (mentions come on top of these)
 SCORE_FLOOR = 0.35  # a scored file must reach this share of the best score: no filling up with noise
 MENTION_MAX_FILES = 3  # a name or file name that more files match is not an exact mention
+MAX_MENTIONS = 32  # path-like strings, and code-like names, looked up per question
 DEFINERS_LOOKED_AT = 16  # a word in more left-out files than this is too common to be a definition's name
 MERGE_FRACTION = 8  # later segments are merged into one when their postings pass 1/8 of the first's
 _IDENTIFIER_LIKE = re.compile(rb"[A-Za-z_]\w*(?:_|[a-z][A-Z]|[0-9])\w*|[A-Z]\w*[a-z]\w*[A-Z]\w*")
@@ -159,6 +160,7 @@ class SearchIndex:
         self.total_length = 0
         self.segments: list[Segment] = []
         self.pending: list[int] = []  # slots not in a segment yet
+        self._by_name: dict[bytes, list[bytes]] | None = None
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -196,6 +198,7 @@ class SearchIndex:
         self.forward.append((ids, frequencies))
         self.lengths.append(length)
         self.slot_of[path] = slot
+        self._by_name = None
         self.total_length += length
         self.pending.append(slot)
 
@@ -237,6 +240,7 @@ class SearchIndex:
         slot = self.slot_of.pop(path, None)
         if slot is None:
             return
+        self._by_name = None
         self.contents[slot] = b""
         empty = np.zeros(0, dtype=np.int64)
         self.forward[slot] = (empty, empty)
@@ -277,34 +281,28 @@ class SearchIndex:
         self.seal()
         skipped = set(skip)
         words = question_words(question)
-        hits = [hit for hit in self.mentions(question, words) if hit.path not in skipped]
+        hits = [hit for hit in mentions(self, question, words) if hit.path not in skipped]
         chosen = {hit.path for hit in hits} | skipped
         scored = [hit for hit in self.scored(question_terms(words)) if hit.path not in chosen]
         return hits + scored
 
-    def mentions(self, question: str, words: Sequence[bytes]) -> list[Hit]:
-        """Files whose path the question names, then files that alone define a name the question uses."""
-        hits: dict[bytes, Hit] = {}
-        for mention in path_mentions(question):
-            name = mention.encode("utf-8", "surrogatepass")
-            matching = [path for path in self.slot_of if path == name or path.endswith(b"/" + name)]
-            if 0 < len(matching) <= MENTION_MAX_FILES:
-                for path in sorted(matching):
-                    hits.setdefault(path, Hit(path, "path named", math.inf))
-        live = self._live()
-        for word in words:
-            word_id = self.vocabulary.get(word)
-            if word_id is None or word in self.defined_in_context or not names_code(word, question):
-                continue
-            slots = np.flatnonzero((self._counts([word_id]) > 0) & live)
-            if not 0 < len(slots) <= DEFINERS_LOOKED_AT:
-                continue
-            definers = [self.paths[slot] for slot in slots if defines(self.contents[slot], word)]
-            if 0 < len(definers) <= MENTION_MAX_FILES:
-                reason = f"defines {word.decode('utf-8', 'replace')}"
-                for path in sorted(definers):
-                    hits.setdefault(path, Hit(path, reason, math.inf))
-        return list(hits.values())
+    def by_name(self) -> dict[bytes, list[bytes]]:
+        """Live paths by file name (cached until the files change)."""
+        if self._by_name is None:
+            self._by_name = {}
+            for path in sorted(self.slot_of):
+                self._by_name.setdefault(path.rpartition(b"/")[2], []).append(path)
+        return self._by_name
+
+    def defining(self, word: bytes) -> list[bytes]:
+        """The live files that define ``word``, if only a few contain it at all."""
+        word_id = self.vocabulary.get(word)
+        if word_id is None:
+            return []
+        slots = np.flatnonzero((self._counts([word_id]) > 0) & self._live())
+        if not 0 < len(slots) <= DEFINERS_LOOKED_AT:
+            return []
+        return [self.paths[slot] for slot in slots if defines(self.contents[slot], word)]
 
     def _live(self) -> np.ndarray:
         live = np.zeros(len(self.paths), dtype=bool)
@@ -337,3 +335,26 @@ class SearchIndex:
         order = sorted((-float(scores[slot]), self.paths[slot]) for slot in positive)
         floor = -order[0][0] * SCORE_FLOOR if order else 0.0
         return [Hit(path, f"score {-score:.1f}", -score) for score, path in order[:MAX_RESULTS] if -score >= floor]
+
+
+def mentions(index: SearchIndex, question: str, words: Sequence[bytes]) -> list[Hit]:
+    """Files whose path the question names, then files that alone define a name the question uses.
+
+    At most MAX_MENTIONS of each are looked at (a long tool result must not cost seconds).
+    """
+    hits: dict[bytes, Hit] = {}
+    for mention in path_mentions(question)[:MAX_MENTIONS]:
+        name = mention.encode("utf-8", "surrogatepass")
+        same_name = index.by_name().get(name.rpartition(b"/")[2], [])
+        matching = [path for path in same_name if path == name or path.endswith(b"/" + name)]
+        if 0 < len(matching) <= MENTION_MAX_FILES:
+            for path in matching:
+                hits.setdefault(path, Hit(path, "path named", math.inf))
+    named = [word for word in words if word not in index.defined_in_context and names_code(word, question)]
+    for word in named[:MAX_MENTIONS]:
+        definers = index.defining(word)
+        if 0 < len(definers) <= MENTION_MAX_FILES:
+            reason = f"defines {word.decode('utf-8', 'replace')}"
+            for path in sorted(definers):
+                hits.setdefault(path, Hit(path, reason, math.inf))
+    return list(hits.values())
