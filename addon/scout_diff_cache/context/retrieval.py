@@ -153,15 +153,8 @@ class Retriever:
                     self._ready = dataclasses.replace(
                         self._ready, files=len(index), bytes=index.indexed_bytes, commit=commit
                     )
-            skip = [
-                path for path, oid in sent.items() if path in index.slot_of and index.oids[index.slot_of[path]] == oid
-            ]
-            found = tuple(
-                Found(
-                    hit.path, index.oids[index.slot_of[hit.path]], index.contents[index.slot_of[hit.path]], hit.reason
-                )
-                for hit in index.search(question, skip)
-            )
+            skip = [path for path, oid in sent.items() if index.oid_of(path) == oid]
+            found = tuple(Found(hit.path, *index.file(hit.path), hit.reason) for hit in index.search(question, skip))
         return Lookup("ready", found, commit, time.perf_counter() - started)
 
 
