@@ -119,6 +119,13 @@ def run(argv: Sequence[str]) -> int:
         f"working diff: {diff.included_files} files, {diff.left_out_files} left out; "
         f"{human_bytes(diff_bytes)}, ~{budget.measure.count([diff.text])[0]:,} tokens"
     )
+    if settings.redact_secrets:
+        print(
+            f"secrets redacted: {snapshot.redacted} in message 1 (files and history), {diff.redacted} in the "
+            "working diff; each listed at the end of its message (the files' below)"
+        )
+    else:
+        print("secrets redacted: none (REDACT_SECRETS=false)")
     print(f"window: {window.tokens} tokens ({window.source}); message 1's share: {budget.tokens} tokens")
     print("\n".join(plan_lines(snapshot)))
     print()

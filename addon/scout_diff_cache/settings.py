@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 OPTION_PREFIX = "scout_"
 CONFIG_ENV_VAR = "SCOUT_CONFIG"
@@ -32,12 +32,22 @@ class ConfigError(Exception):
 
 _BOOLEANS = (
     "inject_context",
+    "redact_secrets",
     "use_default_excludes",
     "allow_remote_without_key",
     "stream_usage",
     "count_snapshot_tokens",
     "history_full_files",
     "prewarm",
+)
+_LISTS = (
+    "exclude_path_patterns",
+    "allowed_origins",
+    "allowed_hosts",
+    "include_first",
+    "secret_allow_paths",
+    "secret_allow_values",
+    "secret_patterns",
 )
 _UNSET_WHEN_EMPTY = ("target_api_key", "proxy_api_key", "upstream_model", "max_context_tokens", "retrieval_tokens")
 
@@ -57,13 +67,11 @@ class _Checks(BaseModel):
             raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
         return value
 
-    @field_validator(
-        "exclude_path_patterns", "allowed_origins", "allowed_hosts", "include_first", mode="before", check_fields=False
-    )
+    @field_validator(*_LISTS, mode="before", check_fields=False)
     @classmethod
-    def _split_patterns(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.split(",")
+    def _split_patterns(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str):  # regular expressions hold commas: one per line
+            value = value.split("\n" if info.field_name == "secret_patterns" else ",")
         if isinstance(value, (list, tuple)):
             return tuple(str(p).strip() for p in value if str(p).strip())
         return value
@@ -201,6 +209,22 @@ class Settings(_Checks):
         (),
         description="Paths (gitignore syntax, comma-separated in the environment) kept in full first when the "
         "repository does not fit the window.",
+    )
+    redact_secrets: bool = Field(
+        True,
+        description="Replace secrets (vendor tokens, private keys, passwords in URLs and assignments) in every file, "
+        "commit and patch sent with [redacted KIND], and list where at the end of the message.",
+    )
+    secret_allow_paths: tuple[str, ...] = Field(
+        (), description="Paths (gitignore syntax, comma-separated in the environment) not scanned for secrets."
+    )
+    secret_allow_values: tuple[str, ...] = Field(
+        (), description="Exact values never redacted (public test keys; comma-separated in the environment)."
+    )
+    secret_patterns: tuple[str, ...] = Field(
+        (),
+        description="Extra secret patterns (RE2 syntax; one per line in the environment); a group, if any, "
+        "is the part redacted.",
     )
     retrieval_tokens: int | None = Field(
         None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .context.fit import WindowBudget
 from .context.history import HistoryLimits
 from .context.provider import BuildObserver, ContextProvider
+from .context.secrets import SecretScanner
 from .context.snapshot import SnapshotLimits
 from .context.tokens import BytesPerTokenRule, TokenMeasure
 from .context.workdiff import DiffLimits
@@ -24,22 +25,31 @@ def history_limits(settings: Settings) -> HistoryLimits | None:
 def context_provider(settings: Settings, observer: BuildObserver | None = None, watch: bool = True) -> ContextProvider:
     """The repository context for these settings, its change monitor started when ``watch``.
 
-    Raises GitError (not a repository) or ValueError (an exclusion pattern that does not compile).
+    Raises GitError (not a repository), SecretPatternError (a SECRET_PATTERNS entry that does not
+    compile) or ValueError (an exclusion pattern that does not compile).
     """
     path_filter = PathFilter.build(settings.exclude_path_patterns, settings.use_default_excludes)
+    secrets = secret_scanner(settings)
     repo = GitRepo(settings.git_repo_path)
     monitor = ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir])
     provider = ContextProvider(
         repo,
         monitor,
-        SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter),
-        DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter),
+        SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter, secrets),
+        DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter, secrets),
         observer=observer,
         history_limits=history_limits(settings),
     )
     if watch:
         monitor.start()
     return provider
+
+
+def secret_scanner(settings: Settings) -> SecretScanner | None:
+    """The scanner REDACT_SECRETS asks for; raises SecretPatternError for a bad SECRET_PATTERNS entry."""
+    if not settings.redact_secrets:
+        return None
+    return SecretScanner(settings.secret_allow_paths, settings.secret_allow_values, settings.secret_patterns)
 
 
 def message_share(settings: Settings, window_tokens: int) -> int:

@@ -18,6 +18,7 @@ from ..git.repo import GitRepo, TreeEntry
 from ..memo import ContentMemo
 from ..text import decode_utf8, display, is_binary, listing, short_commit
 from .framing import system_message_json
+from .secrets import Redaction, SecretScanner, redaction_listing
 from .workdiff import DiffLimits, WorkState
 
 CONTEXT_LINES = 3
@@ -40,6 +41,7 @@ class _Found:
     patches: list[str] = field(default_factory=list)
     binary: list[bytes] = field(default_factory=list)
     too_large: list[bytes] = field(default_factory=list)
+    redactions: list[Redaction] = field(default_factory=list)
 
 
 _trees: ContentMemo[dict[bytes, TreeEntry]] = ContentMemo(2)  # a session's turns compare the same commits
@@ -124,10 +126,24 @@ def changes_between(repo: GitRepo, prev: WorkState, now: WorkState, limits: Diff
         elif any(data is not None and is_binary(data) for data in (old, new)):
             found.binary.append(path)
         else:
-            found.patches.append(file_patch(path, old, new))
+            redactions: list[Redaction] = []
+            if limits.secrets is not None:  # both sides: the diff of the redacted texts
+                old, new = (_redacted(limits.secrets, path, data, redactions) for data in (old, new))
+            patch = file_patch(path, old, new)
+            if "[redacted " in patch:  # listed when the patch shows one (not for lines outside its hunks)
+                found.redactions.extend(redactions)
+            found.patches.append(patch)
     if not (found.patches or found.binary or found.too_large):
         return None
     return _render(prev, now, found, limits)
+
+
+def _redacted(secrets: SecretScanner, path: bytes, data: bytes | None, redactions: list[Redaction]) -> bytes | None:
+    if data is None:
+        return None
+    data, found = secrets.redact(path, data)
+    redactions.extend(found)
+    return data
 
 
 def _read(repo: GitRepo, oids: Sequence[str]) -> Iterable[bytes]:
@@ -157,5 +173,6 @@ def _render(prev: WorkState, now: WorkState, found: _Found, limits: DiffLimits) 
         "Apply it after them: the result is the repository now.\n\n"
         + "".join(found.patches)
         + f"<changes_info>\nfiles changed: {len(found.patches)}\n{left_out}</changes_info>\n"
+        + redaction_listing(found.redactions)
     )
     return Changes(system_message_json(text), text, len(found.patches), len(found.binary) + len(set(found.too_large)))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .fit import LISTING_PERCENT, TEMPLATE_TOKENS, FitReport, Omitted, Outlined, WindowBudget, choose, fits_whole
 from .listings import Listed, fitting_text, render_listing
+from .secrets import redaction_listing
 from .tokens import BYTE_BOUND, utf8_length
 
 if TYPE_CHECKING:  # snapshot.py imports this module
@@ -81,6 +82,7 @@ def render_footer(
             "bytes",
         ),
         render_listing("submodules, listed but not entered", _listed(content.submodules, "detail"), level),
+        redaction_listing(content.redactions_shown()),
         "</snapshot_info>\n",
     ]
     return "".join(parts)

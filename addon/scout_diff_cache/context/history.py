@@ -33,6 +33,7 @@ from ..git.patches import split_patch
 from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange
 from ..text import decode_utf8, display, is_binary, listing, quoted
 from .fit import BLOCK_SLACK_TOKENS, WindowBudget
+from .secrets import COMMIT_MESSAGE, Redaction, redaction_listing
 from .snapshot import SnapshotContent, SnapshotLimits, file_block, select_entries
 from .tokens import utf8_length
 
@@ -54,6 +55,7 @@ class Tail:
     commits: tuple[str, ...]
     blocks: tuple[str, ...]
     tokens: int = 0  # the blocks' tokens as the budget counts them (0 without a budget)
+    redacted: int = 0  # secrets redacted in the blocks
 
 
 def tail_share(budget: WindowBudget, limits: HistoryLimits) -> tuple[WindowBudget, int]:
@@ -71,6 +73,7 @@ class History:
         self.limits = limits
         self._blocks: OrderedDict[str, str] = OrderedDict()
         self._base_bytes: dict[str, int] = {}
+        self.redacted: dict[str, int] = {}  # commit -> secrets redacted in its block
         self._lock = threading.Lock()  # two HEADs may be worked out at once, in two threads
 
     def tail_for(self, head: str, budget: WindowBudget | None = None) -> Tail:
@@ -90,7 +93,7 @@ class History:
             tokens = self._tail_tokens(blocks, tail_bytes, budget)
             fits_window = tokens is not None
             if every == 1 or (fits_window and tail_bytes * 100 <= self.limits.max_tail_percent * self.base_bytes(base)):
-                return Tail(base, commits, blocks, tokens or 0)
+                return Tail(base, commits, blocks, tokens or 0, sum(self.redacted.get(c, 0) for c in commits))
             every //= 2
 
     def _tail_tokens(self, blocks: Sequence[str], tail_bytes: int, budget: WindowBudget | None) -> int | None:
@@ -129,20 +132,32 @@ class History:
         excluded = sorted(c.path for c in changes if path_filter.excludes(c.path))
         kept = sorted((c for c in changes if not path_filter.excludes(c.path)), key=lambda c: c.path)
         too_large: list[bytes] = []
+        found: list[Redaction] = []
         if self.limits.full_files:
-            body = self._full_files(kept, too_large)
+            body = self._full_files(kept, too_large, found)
         else:
-            body = self._patches(parent or self.repo.empty_tree, commit, kept, too_large)
+            body = self._patches(parent or self.repo.empty_tree, commit, kept, too_large, found)
+        secrets = self.snapshot_limits.secrets
+        if secrets is not None:
+            message, in_message = secrets.redact(COMMIT_MESSAGE, message)
+            found.extend(in_message)
+        self.redacted[commit] = len(found)
         parent_attribute = f' parent="{parent}"' if parent else ""
-        notes = _listing("changed files excluded by path pattern", excluded) + _listing(
-            f"changed files over the per-file limit of {self.snapshot_limits.max_file_bytes} bytes", too_large
+        notes = (
+            _listing("changed files excluded by path pattern", excluded)
+            + _listing(
+                f"changed files over the per-file limit of {self.snapshot_limits.max_file_bytes} bytes", too_large
+            )
+            + redaction_listing(found)
         )
         text = decode_utf8(message)
         if text and not text.endswith("\n"):
             text += "\n"
         return f'<commit id="{commit}"{parent_attribute}>\n<message>\n{text}</message>\n{body}{notes}</commit>\n'
 
-    def _patches(self, parent: str, commit: str, kept: Sequence[RawChange], too_large: list[bytes]) -> str:
+    def _patches(
+        self, parent: str, commit: str, kept: Sequence[RawChange], too_large: list[bytes], found: list[Redaction]
+    ) -> str:
         patch = self.repo.commit_patch(parent, commit, [c.path for c in kept])
         wanted = {c.path for c in kept}
         parts = []
@@ -151,11 +166,15 @@ class History:
                 continue  # under a kept path that became a folder, but excluded itself (conf -> conf/.env)
             if len(file_patch) > self.snapshot_limits.max_file_bytes:
                 too_large.append(path)
-            else:
-                parts.append(decode_utf8(file_patch))
+                continue
+            sent = file_patch
+            if self.snapshot_limits.secrets is not None:  # removed lines too: a secret taken out is still one
+                sent, in_patch = self.snapshot_limits.secrets.redact_patch(path, file_patch)
+                found.extend(in_patch)
+            parts.append(decode_utf8(sent))
         return "".join(parts)
 
-    def _full_files(self, kept: Sequence[RawChange], too_large: list[bytes]) -> str:
+    def _full_files(self, kept: Sequence[RawChange], too_large: list[bytes], found: list[Redaction]) -> str:
         present = [c for c in kept if c.new_mode not in (MODE_MISSING, MODE_SUBMODULE)]
         sizes = self.repo.blob_sizes([c.new_oid for c in present])
         readable = [c for c in present if sizes.get(c.new_oid, 0) <= self.snapshot_limits.max_file_bytes]
@@ -176,6 +195,9 @@ class History:
                 elif is_binary(data):
                     parts.append(f"<binary path={quoted(change.path)} bytes={len(data)}/>\n")
                 else:
+                    if self.snapshot_limits.secrets is not None:
+                        data, in_file = self.snapshot_limits.secrets.redact(change.path, data)
+                        found.extend(in_file)
                     parts.append(file_block(change.path, data))
         return "".join(parts)
 

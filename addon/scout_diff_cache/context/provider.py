@@ -161,7 +161,7 @@ class ContextProvider:
         if not tail.commits:
             return base
         blocks = list(zip(tail.commits, tail.blocks, strict=True))
-        return await asyncio.to_thread(with_history, base, head, blocks, tail.tokens)
+        return await asyncio.to_thread(with_history, base, head, blocks, tail.tokens, tail.redacted)
 
     async def _base(self, commit: str, budget: WindowBudget | None) -> Snapshot:
         key = (commit, budget.key if budget else None)

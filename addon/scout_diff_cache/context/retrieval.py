@@ -24,6 +24,7 @@ from .fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS, FitReport
 from .framing import system_message_json
 from .outline import language_of
 from .search import SearchIndex, definitions
+from .secrets import Redaction, SecretScanner, redaction_listing
 from .snapshot import Snapshot, SnapshotLimits, file_block
 from .tokens import BYTE_BOUND, TokenMeasure
 
@@ -229,7 +230,9 @@ class Retrieved:
     message_json: bytes
 
 
-def retrieval_text(commit: str, blocks: Sequence[str], left_out: Sequence[tuple[Found, int]]) -> str:
+def retrieval_text(
+    commit: str, blocks: Sequence[str], left_out: Sequence[tuple[Found, int]], redactions: Sequence[Redaction] = ()
+) -> str:
     lines = [
         f"{TEXT_START}: files of the repository that the snapshot (message 1) left out or gave only as "
         f"outlines, in full, as they are at commit {commit}. Changes given in the working diff or in later "
@@ -244,16 +247,22 @@ def retrieval_text(commit: str, blocks: Sequence[str], left_out: Sequence[tuple[
             + (f" and {more} more" if more > 0 else "")
             + ".\n"
         )
+    lines.append(redaction_listing(redactions))
     return "".join(lines)
 
 
-def fit_retrieved(found: Sequence[Found], room: int, measure: TokenMeasure, commit: str) -> Retrieved | None:
+def fit_retrieved(
+    found: Sequence[Found], room: int, measure: TokenMeasure, commit: str, secrets: SecretScanner | None = None
+) -> Retrieved | None:
     """Blocking: the found files, best first, in full while they fit in ``room`` tokens; None if none does.
 
     A file too large for what is left is passed over (and named); smaller ones after it still go in.
+    With ``secrets``, the files are redacted first and the message lists where.
     """
-    blocks = [file_block(item.path, item.content) for item in found]
-    fixed = retrieval_text(short_commit(commit), [], [(item, 10**9) for item in found])
+    redacted = [secrets.redact(item.path, item.content) if secrets else (item.content, ()) for item in found]
+    blocks = [file_block(item.path, content) for item, (content, _) in zip(found, redacted, strict=True)]
+    every = [redaction for _, found_there in redacted for redaction in found_there]
+    fixed = retrieval_text(short_commit(commit), [], [(item, 10**9) for item in found], every)
     overhead = TEMPLATE_TOKENS + BYTE_BOUND.count([fixed])[0]
     counts = measure.count(blocks)  # counted, not bounded: the room is small, an exact count fills it
     chosen, left_out, used = [], [], overhead
@@ -267,7 +276,9 @@ def fit_retrieved(found: Sequence[Found], room: int, measure: TokenMeasure, comm
         return None
     files = tuple(item for item, _, _ in chosen)  # best first, for the headers and the log
     chosen.sort(key=lambda choice: choice[0].path)  # path order: the same files give the same bytes
-    text = retrieval_text(short_commit(commit), [block for _, block, _ in chosen], left_out)
+    sent = {item.path for item, _, _ in chosen}
+    shown = [redaction for redaction in every if redaction.path in sent]
+    text = retrieval_text(short_commit(commit), [block for _, block, _ in chosen], left_out, shown)
     # What it holds as counted (the allowances above only made sure it fits): the files and its own lines.
     tokens = (
         sum(tokens for _, _, tokens in chosen) + measure.count([retrieval_text(short_commit(commit), [], left_out)])[0]

@@ -22,6 +22,7 @@ from ..text import decode_utf8, is_binary, path_text, quoted
 from .fit import FitReport, WindowBudget
 from .footer import fit_to_window, render_footer
 from .framing import MESSAGE_END, MESSAGE_HEAD, encode_regions
+from .secrets import Redaction, SecretScanner
 
 PREAMBLE = (
     "This is a snapshot of a git repository: the content of every text file tracked at its current "
@@ -55,6 +56,7 @@ class SnapshotLimits:
     max_file_bytes: int
     max_snapshot_bytes: int
     path_filter: PathFilter
+    secrets: SecretScanner | None = None  # None: nothing is redacted (REDACT_SECRETS=false)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,12 @@ class SnapshotContent:
     submodules: list[LeftOut] = field(default_factory=list)
     outline_count: int = 0
     fit: FitReport | None = None  # how the files were fitted to the window, when a budget was given
+    redactions: list[Redaction] = field(default_factory=list)  # secrets replaced in the blocks
+
+    def redactions_shown(self) -> list[Redaction]:
+        """The redactions in files the snapshot gives (in full or outlined), for its footer."""
+        shown = set(self.block_paths)
+        return [redaction for redaction in self.redactions if redaction.path in shown]
 
     def add_block(self, path: bytes, block: str, size: int, symlink: bool = False) -> None:
         self.blocks.append(block)
@@ -110,6 +118,7 @@ class Snapshot:
     fit: FitReport | None = None  # the base's fit to the window (None: built without a budget)
     outline_count: int = 0  # files given as outlines to fit the window
     tail_tokens: int = 0  # append-only layout: the history blocks' tokens, as the budget counted them
+    redacted: int = 0  # secrets replaced in it (listed at the end of the base and of each commit block)
 
     @property
     def planned_tokens(self) -> int | None:
@@ -178,6 +187,9 @@ def fill_blocks(
             content.binary.append(LeftOut(entry.path, len(data)))
             continue
         else:
+            if limits.secrets is not None:
+                data, found = limits.secrets.redact(entry.path, data)
+                content.redactions.extend(found)
             block = file_block(entry.path, data)
         block_size = len(block.encode("utf-8"))
         if content.block_bytes + block_size > limits.max_snapshot_bytes:
@@ -220,6 +232,7 @@ def render_snapshot(
         regions=tuple(regions),
         fit=content.fit,
         outline_count=content.outline_count,
+        redacted=len(content.redactions_shown()),
     )
 
 
@@ -246,7 +259,9 @@ def build_snapshot(
     return render_snapshot(commit, content, limits, preamble, footer)
 
 
-def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str]], tail_tokens: int = 0) -> Snapshot:
+def with_history(
+    base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str]], tail_tokens: int = 0, tail_redacted: int = 0
+) -> Snapshot:
     """The base snapshot with the history blocks ((commit, block) pairs) appended, its JSON extended."""
     assert base.message_json.endswith(MESSAGE_END)
     start = len(base.message_json) - len(MESSAGE_END)
@@ -266,6 +281,7 @@ def with_history(base: Snapshot, head: str, tail_blocks: Sequence[tuple[str, str
         fit=base.fit,
         outline_count=base.outline_count,
         tail_tokens=tail_tokens,
+        redacted=base.redacted + tail_redacted,
     )
 
 

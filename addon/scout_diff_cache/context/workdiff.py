@@ -19,6 +19,7 @@ from ..git.patches import blob_id, new_file_patch, split_patch
 from ..git.repo import BLOB_MODES, MODE_EXECUTABLE, MODE_FILE, MODE_SYMLINK, GitRepo, RawChange
 from ..text import decode_utf8, display, listing
 from .framing import system_message_json
+from .secrets import Redaction, SecretScanner, redaction_listing
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class DiffLimits:
     max_file_bytes: int
     max_diff_bytes: int
     path_filter: PathFilter
+    secrets: SecretScanner | None = None  # None: nothing is redacted (REDACT_SECRETS=false)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,14 @@ class WorkingDiff:
         return WorkState(self.commit, {path: parts.contents.get(path) for path in parts.patch_paths}, skipped)
 
     @property
+    def redacted(self) -> int:
+        """Secrets redacted in the patches it gives."""
+        if self.parts is None:
+            return 0
+        shown = set(self.parts.patch_paths)
+        return sum(redaction.path in shown for redaction in self.parts.redactions)
+
+    @property
     def size(self) -> int:
         return len(self.message_json)
 
@@ -79,6 +89,7 @@ class DiffParts:
     too_large: list[bytes] = field(default_factory=list)
     over_total: list[bytes] = field(default_factory=list)
     nested_repos: list[bytes] = field(default_factory=list)
+    redactions: list[Redaction] = field(default_factory=list)  # secrets replaced in the patches
 
 
 def _file_mode(st: os.stat_result) -> str:
@@ -210,6 +221,9 @@ def select_patches(repo: GitRepo, candidates: list[Candidate], limits: DiffLimit
         if not patch:
             parts.too_large.append(candidate.path)
             continue
+        if limits.secrets is not None:
+            patch, found = limits.secrets.redact_patch(candidate.path, patch)
+            parts.redactions.extend(found)
         text = decode_utf8(patch)
         size = len(patch) if text.isascii() else len(text.encode("utf-8"))  # as sent, after U+FFFD
         if parts.patch_bytes + size > limits.max_diff_bytes:
@@ -258,6 +272,7 @@ def render_working_diff(commit: str | None, parts: DiffParts, limits: DiffLimits
             f"{state}\n"
             + "".join(parts.patches)
             + f"<diff_info>\nfiles included: {len(parts.patches)}, bytes: {parts.patch_bytes}\n{left_out}</diff_info>\n"
+            + redaction_listing(redaction for redaction in parts.redactions if redaction.path in set(parts.patch_paths))
         )
     return WorkingDiff(
         commit=commit,

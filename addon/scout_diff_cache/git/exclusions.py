@@ -107,9 +107,13 @@ class PathFilter:
 
     patterns: tuple[str, ...]
     _spec: pathspec.GitIgnoreSpec = field(init=False, repr=False, compare=False)
+    _any_bytes: pathspec.GitIgnoreSpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # pathspec's fastest backend (RE2, once google-re2 is installed) takes only valid UTF-8 text;
+        # a path that is not (any bytes are legal in git) goes to Python's re, which takes its escapes.
         object.__setattr__(self, "_spec", pathspec.GitIgnoreSpec.from_lines(self.patterns))
+        object.__setattr__(self, "_any_bytes", pathspec.GitIgnoreSpec.from_lines(self.patterns, backend="simple"))
 
     @classmethod
     def build(cls, user_patterns: Sequence[str], use_defaults: bool) -> PathFilter:
@@ -118,4 +122,7 @@ class PathFilter:
         return cls((*defaults, *user_patterns))
 
     def excludes(self, path: bytes) -> bool:
-        return self._spec.match_file(path_key(path))
+        try:
+            return self._spec.match_file(path.decode("utf-8"))
+        except UnicodeDecodeError:
+            return self._any_bytes.match_file(path_key(path))

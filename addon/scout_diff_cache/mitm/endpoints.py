@@ -64,8 +64,14 @@ class LocalEndpoints:
                 "files": snapshot.file_count,
                 "symlinks": snapshot.symlink_count,
                 "left_out": snapshot.skipped_count,
+                "redacted_secrets": snapshot.redacted,
             },
-            diff={"bytes": diff.size, "files": diff.included_files, "left_out": diff.left_out_files},
+            diff={
+                "bytes": diff.size,
+                "files": diff.included_files,
+                "left_out": diff.left_out_files,
+                "redacted_secrets": diff.redacted,
+            },
             window={
                 "tokens": window.tokens,
                 "source": window.source,

@@ -197,6 +197,7 @@ class ContextInjection:
             retrieved=retrieval.files_header if retrieval else "",
         )
         self.state.metrics.injected(len(body), injected_bytes)
+        self.state.metrics.redacted(context.snapshot.redacted, context.diff.redacted)
         annotate(flow, context, assembled, fit_record(fit, window), conversation_note(turn), retrieval=retrieval)
         flow.metadata[METADATA_KEY].update(expected=history.expectation(), stream_usage_added=usage_added)
         logger.debug(

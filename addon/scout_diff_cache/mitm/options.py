@@ -30,6 +30,7 @@ from mitmproxy.addonmanager import Loader
 from .. import __version__
 from ..chat.conversation import ConversationStore
 from ..context.retrieval import Retriever
+from ..context.secrets import SecretPatternError
 from ..git.repo import GitError
 from ..settings import (
     CONFIG_OPTION,
@@ -123,6 +124,8 @@ class ScoutOptions:
             provider = context_provider(settings, self.state.metrics)
         except ConfigError as e:
             raise options_error(f"scout-diff-cache: {e}") from None
+        except SecretPatternError as e:
+            raise options_error(f"scout-diff-cache: invalid setting secret_patterns: {e}") from None
         except ValueError as e:  # an exclusion pattern pathspec cannot compile
             raise options_error(f"scout-diff-cache: invalid setting exclude_path_patterns: {e}") from None
         except GitError as e:

@@ -121,9 +121,10 @@ async def _retrieved(
     if room <= TEMPLATE_TOKENS:
         return RetrievalNote("no_room", f"{len(lookup.found)} files found, but the window has no room left")
     commit = lookup.commit
+    secrets = state.retriever.limits.secrets if state.retriever is not None else None
 
     def fit(measure: TokenMeasure, _count_chat: ChatCounter | None) -> Retrieved | None:
-        return fit_retrieved(lookup.found, room, measure, commit)
+        return fit_retrieved(lookup.found, room, measure, commit, secrets)
 
     retrieved = await counted(state, settings, budget, fit)
     if retrieved is None:

@@ -94,6 +94,15 @@ class ProxyMetrics:
         self.retrieved_tokens = Counter(
             "scout_retrieved_tokens", "Tokens of the retrieved files' messages, as counted to fit them.", registry=r
         )
+        self.redacted_secrets = Gauge(
+            "scout_redacted_secrets",
+            "Secrets replaced by [redacted KIND] in the last chat request, by part: message_1 (files and history) "
+            "or diff (the working diff).",
+            ["part"],
+            registry=r,
+        )
+        for part in ("message_1", "diff"):
+            self.redacted_secrets.labels(part)
         self.prewarm_seconds = Histogram(
             "scout_prewarm_seconds",
             "Time the upstream took to prefill a new base.",
@@ -130,6 +139,10 @@ class ProxyMetrics:
         self.retrievals.labels(outcome).inc()
         self.retrieved_files.inc(files)
         self.retrieved_tokens.inc(tokens)
+
+    def redacted(self, message_1: int, diff: int) -> None:
+        self.redacted_secrets.labels("message_1").set(message_1)
+        self.redacted_secrets.labels("diff").set(diff)
 
     def error(self, status: int, source: str) -> None:
         self.errors.labels(str(status), source).inc()
