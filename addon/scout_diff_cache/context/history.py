@@ -196,7 +196,7 @@ class History:
                     parts.append(f"<binary path={quoted(change.path)} bytes={len(data)}/>\n")
                 else:
                     if self.snapshot_limits.secrets is not None:
-                        data, in_file = self.snapshot_limits.secrets.redact(change.path, data)
+                        data, in_file = self.snapshot_limits.secrets.redact(change.path, data, oid=change.new_oid)
                         found.extend(in_file)
                     parts.append(file_block(change.path, data))
         return "".join(parts)

@@ -259,7 +259,9 @@ def fit_retrieved(
     A file too large for what is left is passed over (and named); smaller ones after it still go in.
     With ``secrets``, the files are redacted first and the message lists where.
     """
-    redacted = [secrets.redact(item.path, item.content) if secrets else (item.content, ()) for item in found]
+    redacted = [
+        secrets.redact(item.path, item.content, oid=item.oid) if secrets else (item.content, ()) for item in found
+    ]
     blocks = [file_block(item.path, content) for item, (content, _) in zip(found, redacted, strict=True)]
     every = [redaction for _, found_there in redacted for redaction in found_there]
     fixed = retrieval_text(short_commit(commit), [], [(item, 10**9) for item in found], every)

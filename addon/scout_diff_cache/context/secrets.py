@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import re2
 from ..git.exclusions import PathFilter
 from ..memo import ContentMemo
 from ..text import display
-from .secret_rules import GENERIC_KINDS, GENERIC_RULES, URL_KIND, VENDOR_RULES
+from .secret_rules import GENERIC_KINDS, GENERIC_RULES, RULES, URL_KIND, VENDOR_RULES
 
 PLACEHOLDER = "[redacted {kind}]"
 COMMIT_MESSAGE = b"(commit message)"  # the "path" of a redaction in a commit's message
@@ -41,6 +42,8 @@ _PLACEHOLDER_MARKERS = (
     b"xxxx", b"****", b"....", b"todo", b"fixme", b"<", b">", b"${", b"{{", b"%(", b"$(",
 )  # fmt: skip
 MIN_ENTROPY_BITS = 3.0  # per character
+SCAN_BATCH = 32  # files per scanning task
+SCAN_THREADS = 2  # tasks scanning at once, ahead of the build that uses them
 AUTOMATON_BYTES = 64 << 20  # RE2's memory for one rule set: its DFA stays cached (8 MB default: 1.5x slower)
 _HUNK = re.compile(rb"@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
 
@@ -97,16 +100,13 @@ class SecretScanner:
     ) -> None:
         self.key = (tuple(allow_paths), tuple(allow_values), tuple(extra_patterns))
         custom = [(f"custom-{index + 1}", _one_group(pattern)) for index, pattern in enumerate(extra_patterns)]
-        # Vendor formats and assignments in one automaton; URL passwords only where there is a URL
-        # (together they would make it 2x slower); a user's own patterns apart (their groups are theirs).
-        main = [*VENDOR_RULES, *(rule for rule in GENERIC_RULES if rule[0] != URL_KIND)]
-        self._sets: list[tuple[list[str], Any, bytes]] = [
-            ([kind for kind, _ in main], _compiled(main), b""),
-            ([URL_KIND], _compiled([rule for rule in GENERIC_RULES if rule[0] == URL_KIND]), b"://"),
-        ]
+        # Every rule in one automaton (the user's apart: their groups are theirs). A generic value that
+        # is rejected is searched again for a vendor secret or a URL password inside it.
+        self._sets: list[tuple[list[str], Any]] = [([kind for kind, _ in RULES], _compiled(RULES))]
         if custom:
-            self._sets.append(([kind for kind, _ in custom], _compiled(custom), b""))
-        self._vendor = ([kind for kind, _ in VENDOR_RULES], _compiled(VENDOR_RULES))
+            self._sets.append(([kind for kind, _ in custom], _compiled(custom)))
+        inner = [*VENDOR_RULES, *(rule for rule in GENERIC_RULES if rule[0] == URL_KIND)]
+        self._inner = ([kind for kind, _ in inner], _compiled(inner))
         self._allow_values = frozenset(value.encode() for value in allow_values)
         self._allow_paths = PathFilter(tuple(allow_paths)) if allow_paths else None
         self._memo: ContentMemo[tuple[bytes, tuple[tuple[int, str], ...]]] = ContentMemo(65536)
@@ -117,11 +117,19 @@ class SecretScanner:
     def __hash__(self) -> int:
         return hash(self.key)
 
-    def redact(self, path: bytes, data: bytes, patch: bool = False) -> tuple[bytes, tuple[Redaction, ...]]:
-        """``data`` with every secret replaced, and where they were (lines of ``data``)."""
+    def redact(
+        self, path: bytes, data: bytes, patch: bool = False, oid: str | None = None
+    ) -> tuple[bytes, tuple[Redaction, ...]]:
+        """``data`` with every secret replaced, and where they were (lines of ``data``).
+
+        ``oid``: git's id of ``data`` when it is a blob, so the memo needs no hash of its own.
+        """
         if self._allow_paths is not None and self._allow_paths.excludes(path):
             return data, ()
-        key = ContentMemo.key(data + (b"\0patch" if patch else b""))
+        if oid is not None and not patch:
+            key = b"blob " + oid.encode()
+        else:
+            key = ContentMemo.key(data + (b"\0patch" if patch else b""))
         redacted, found = self._memo.get_or_make(key, lambda: self._scan(data, patch))
         return redacted, tuple(Redaction(path, line, kind) for line, kind in found)
 
@@ -135,9 +143,7 @@ class SecretScanner:
 
     def _scan(self, data: bytes, patch: bool) -> tuple[bytes, tuple[tuple[int, str], ...]]:
         spans: list[tuple[int, int, str]] = []
-        for kinds, regex, needed in self._sets:
-            if needed not in data:
-                continue
+        for kinds, regex in self._sets:
             for match in regex.finditer(data):
                 found = self._accepted(data, match, kinds)
                 if found is not None and not any(found[0] < end and start < found[1] for start, end, _ in spans):
@@ -160,16 +166,46 @@ class SecretScanner:
             return None
         start, end = match.span(group)
         value, kind = data[start:end], kinds[group - 1]
-        if kind in GENERIC_KINDS:
-            vendor_kinds, vendor = self._vendor
-            inner = vendor.search(value)
+        if kind in GENERIC_KINDS:  # a vendor token as a password or an assigned value is that vendor's
+            inner_kinds, inner_regex = self._inner
+            inner = inner_regex.search(value)
             if inner is not None and inner.lastindex is not None:
                 inner_start, inner_end = inner.span(inner.lastindex)
-                start, end, kind = start + inner_start, start + inner_end, vendor_kinds[inner.lastindex - 1]
+                start, end, kind = start + inner_start, start + inner_end, inner_kinds[inner.lastindex - 1]
                 value = data[start:end]
-            elif not looks_random(value):
-                return None
+        if kind in GENERIC_KINDS and not looks_random(value):
+            return None
         return None if value in self._allow_values else (start, end, kind)
+
+
+def scan_ahead[T, R](redact: Callable[[T, bytes], R], items: Iterable[tuple[T, bytes]]) -> Generator[R]:
+    """``redact`` over the items, in order, run ahead in worker threads, SCAN_BATCH items a task.
+
+    RE2 lets go of the GIL while it scans: a snapshot build reads, decodes and encodes the next
+    files meanwhile. Batches keep the pool's own cost per file small.
+    """
+
+    def run(batch: list[tuple[T, bytes]]) -> list[R]:
+        return [redact(item, data) for item, data in batch]
+
+    with ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="scout-secrets") as pool:
+        pending: deque[Future[list[R]]] = deque()
+        try:
+            batch: list[tuple[T, bytes]] = []
+            for item in items:
+                batch.append(item)
+                if len(batch) == SCAN_BATCH:
+                    pending.append(pool.submit(run, batch))
+                    batch = []
+                if len(pending) > SCAN_THREADS:
+                    yield from pending.popleft().result()
+            if batch:
+                pending.append(pool.submit(run, batch))
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _one_group(pattern: str) -> str:

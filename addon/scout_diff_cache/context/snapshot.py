@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..git.exclusions import PathFilter
@@ -22,7 +22,7 @@ from ..text import decode_utf8, is_binary, path_text, quoted
 from .fit import FitReport, WindowBudget
 from .footer import fit_to_window, render_footer
 from .framing import MESSAGE_END, MESSAGE_HEAD, encode_regions
-from .secrets import Redaction, SecretScanner
+from .secrets import Redaction, SecretScanner, scan_ahead
 
 PREAMBLE = (
     "This is a snapshot of a git repository: the content of every text file tracked at its current "
@@ -177,25 +177,48 @@ def fill_blocks(
     limits: SnapshotLimits,
     content: SnapshotContent,
 ) -> None:
-    """Render blobs into blocks until the total limit; the rest is listed as omitted (never read)."""
-    blob_iter = iter(blobs)
-    for index, entry in enumerate(entries):
-        data = next(blob_iter)
-        if entry.mode == MODE_SYMLINK:
-            block = symlink_block(entry.path, data)
-        elif is_binary(data):
-            content.binary.append(LeftOut(entry.path, len(data)))
-            continue
-        else:
-            if limits.secrets is not None:
-                data, found = limits.secrets.redact(entry.path, data)
+    """Render blobs into blocks until the total limit; the rest is listed as omitted (never read, but
+    for the few the secret scanner had read ahead)."""
+    prepared = _redacted(entries, blobs, limits.secrets)
+    try:
+        for index, (entry, data, found) in enumerate(prepared):
+            if entry.mode == MODE_SYMLINK:
+                block = symlink_block(entry.path, data)
+            elif is_binary(data):
+                content.binary.append(LeftOut(entry.path, len(data)))
+                continue
+            else:
                 content.redactions.extend(found)
-            block = file_block(entry.path, data)
-        block_size = len(block.encode("utf-8"))
-        if content.block_bytes + block_size > limits.max_snapshot_bytes:
-            content.over_total.extend(LeftOut(e.path, e.size) for e in entries[index:])
-            return
-        content.add_block(entry.path, block, block_size, symlink=entry.mode == MODE_SYMLINK)
+                block = file_block(entry.path, data)
+            block_size = len(block.encode("utf-8"))
+            if content.block_bytes + block_size > limits.max_snapshot_bytes:
+                content.over_total.extend(LeftOut(e.path, e.size) for e in entries[index:])
+                return
+            content.add_block(entry.path, block, block_size, symlink=entry.mode == MODE_SYMLINK)
+    finally:
+        prepared.close()
+
+
+def _redacted(
+    entries: Sequence[TreeEntry], blobs: Iterable[bytes], secrets: SecretScanner | None
+) -> Generator[tuple[TreeEntry, bytes, tuple[Redaction, ...]]]:
+    """Each entry with its blob, redacted when it is a text file; scanned ahead by ``scan_ahead``."""
+
+    def redact(entry: TreeEntry, data: bytes) -> tuple[bytes, tuple[Redaction, ...]]:
+        if secrets is None or entry.mode == MODE_SYMLINK or is_binary(data):
+            return data, ()
+        return secrets.redact(entry.path, data, oid=entry.oid)
+
+    if secrets is None:
+        for entry, data in zip(entries, blobs, strict=False):
+            yield entry, data, ()
+        return
+    scanned = scan_ahead(redact, zip(entries, blobs, strict=False))
+    try:
+        for entry, (data, found) in zip(entries, scanned, strict=False):
+            yield entry, data, found
+    finally:
+        scanned.close()
 
 
 def render_snapshot(
