@@ -60,6 +60,14 @@ def stdlib_corpus(root: Path) -> Repo:
     return repo
 
 
+def corpus_or_clone(root: Path, given: Path | None) -> Repo:
+    """The stdlib corpus, or a clone of ``given`` (a benchmark commits into it, never into the original)."""
+    if given is None:
+        return stdlib_corpus(root)
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(given), f"{root}/clone"], check=True)
+    return Repo(root / "clone")
+
+
 def tokenizer(url: str, model: str | None) -> UpstreamTokenizer:
     endpoint = TokenizerEndpoint(url.rstrip("/"), model, None, True)
     kind = probe_tokenizer(endpoint)

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_fit import stdlib_corpus
+from bench_fit import corpus_or_clone
 from needles import DESCRIBED, NAMED, NEEDLES, Needle, needle_files
 from scout_diff_cache.context.fit import WindowBudget
 from scout_diff_cache.context.retrieval import (
@@ -148,11 +147,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="times each question set is asked")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="scout-bench-retrieval-") as tmp:
-        if args.repo is None:
-            repo = stdlib_corpus(Path(tmp))
-        else:
-            subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(args.repo), f"{tmp}/clone"], check=True)
-            repo = Repo(Path(tmp) / "clone")
+        repo = corpus_or_clone(Path(tmp), args.repo)
         head = plant_needles(repo)
         settings = Settings(git_repo_path=str(repo.path))
         limits = SnapshotLimits(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from scout_diff_cache.context import secrets
 from scout_diff_cache.context.changes import changes_between
 from scout_diff_cache.context.retrieval import Found, fit_retrieved
 from scout_diff_cache.context.secrets import SecretPatternError, SecretScanner, file_lines, redaction_listing
@@ -123,3 +124,13 @@ def test_change_messages_and_retrieved_files_are_redacted_too(make_repo: Callabl
     assert retrieved is not None
     text = json.loads(retrieved.message_json)["content"]
     assert token not in text and "[redacted github-token]" in text and "app.py:1 github-token" in text
+
+
+def test_without_hyperscan_re2_alone_finds_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hyperscan is only a prefilter (x86-64 only): without it every file goes to RE2, same bytes out."""
+    files = {**planted_files(), **BAIT}
+    with_prefilter = SecretScanner()
+    monkeypatch.setattr(secrets, "hyperscan", None)
+    without = SecretScanner()
+    for path, text in files.items():
+        assert without.redact(path.encode(), text.encode()) == with_prefilter.redact(path.encode(), text.encode())
