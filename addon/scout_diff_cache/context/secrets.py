@@ -11,7 +11,8 @@ three kinds), enough entropy, and not a placeholder (``<your-api-key>``, ``${TOK
 hex digest (git ids, checksums) or a UUID. Allow-listed paths are not scanned; allow-listed
 values are never redacted. Results are memoized per content, so a blob is scanned once.
 
-Scanning is RE2 (google-re2): one automaton per rule set, every byte read once per set.
+Scanning: Hyperscan (where it runs) tells which files may hold a secret at all, and RE2 (every
+rule in one automaton) finds the spans in those; worker threads scan ahead of the build.
 """
 
 from __future__ import annotations
