@@ -11,10 +11,9 @@ after what the conversation already holds, it gives the current state.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..git.repo import GitRepo, TreeEntry
+from ..git.repo import GitRepo, TreeEntry, read_all
 from ..memo import ContentMemo
 from ..text import decode_utf8, display, is_binary, listing, short_commit
 from .framing import system_message_json
@@ -114,7 +113,7 @@ def changes_between(repo: GitRepo, prev: WorkState, now: WorkState, limits: Diff
     found.too_large.extend(now.skipped - prev.skipped)  # changed in the work tree, left out of the diff too
     skip = set(found.too_large)
     oids = sorted({entry.oid for entry in wanted if entry.path not in skip})
-    blobs = dict(zip(oids, _read(repo, oids), strict=True))
+    blobs = dict(zip(oids, read_all(repo, oids), strict=True))
     for path in paths:
         if path in skip:
             continue
@@ -144,16 +143,6 @@ def _redacted(secrets: SecretScanner, path: bytes, data: bytes | None, redaction
     data, found = secrets.redact(path, data)
     redactions.extend(found)
     return data
-
-
-def _read(repo: GitRepo, oids: Sequence[str]) -> Iterable[bytes]:
-    if not oids:
-        return []
-    blobs = repo.read_blobs(list(oids))
-    try:
-        return list(blobs)
-    finally:
-        blobs.close()
 
 
 def _render(prev: WorkState, now: WorkState, found: _Found, limits: DiffLimits) -> Changes:

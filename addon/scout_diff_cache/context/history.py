@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from ..git.exclusions import PathFilter
 from ..git.patches import split_patch
-from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange
+from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange, read_all
 from ..text import decode_utf8, display, is_binary, listing, quoted
 from .fit import BLOCK_SLACK_TOKENS, WindowBudget
 from .secrets import COMMIT_MESSAGE, Redaction, redaction_listing
@@ -180,7 +180,7 @@ class History:
         readable = [c for c in present if sizes.get(c.new_oid, 0) <= self.snapshot_limits.max_file_bytes]
         too_large.extend(c.path for c in present if c not in readable)
         contents = dict(
-            zip((c.path for c in readable), self.repo.read_blobs([c.new_oid for c in readable]), strict=True)
+            zip((c.path for c in readable), read_all(self.repo, [c.new_oid for c in readable]), strict=True)
         )
         parts = []
         for change in kept:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..git.repo import MODE_SYMLINK, GitError, GitRepo
+from ..git.repo import MODE_SYMLINK, GitError, GitRepo, read_all
 from ..text import display, is_binary, path_text, short_commit
 from .fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS, FitReport
 from .framing import system_message_json
@@ -183,21 +183,13 @@ def build_index(repo: GitRepo, commit: str, fit: FitReport, full: set[str]) -> S
     left_out = [entry for entry in entries if entry.path in wanted]
     defined: set[bytes] = set()
     sources = [entry for entry in entries if language_of(entry.path) is not None and path_text(entry.path) in full]
-    blobs = repo.read_blobs([entry.oid for entry in sources])
-    try:
-        for data in blobs:
-            if not is_binary(data):
-                defined |= definitions(data)
-    finally:
-        blobs.close()
+    for data in read_all(repo, [entry.oid for entry in sources]):
+        if not is_binary(data):
+            defined |= definitions(data)
     index = SearchIndex(commit, frozenset(defined))
-    blobs = repo.read_blobs([entry.oid for entry in left_out])
-    try:
-        for entry, data in zip(left_out, blobs, strict=True):
-            if not is_binary(data):
-                index.add(entry.path, entry.oid, data)
-    finally:
-        blobs.close()
+    for entry, data in zip(left_out, read_all(repo, [entry.oid for entry in left_out]), strict=True):
+        if not is_binary(data):
+            index.add(entry.path, entry.oid, data)
     index.seal()
     return index
 
@@ -208,13 +200,9 @@ def update_index(repo: GitRepo, index: SearchIndex, commit: str, wanted: set[byt
     for change in changed:
         index.remove(change.path)
     kept = [change for change in changed if change.status != "D" and change.new_mode != MODE_SYMLINK]
-    blobs = repo.read_blobs([change.new_oid for change in kept])
-    try:
-        for change, data in zip(kept, blobs, strict=True):
-            if not is_binary(data) and len(data) <= limits.max_file_bytes:
-                index.add(change.path, change.new_oid, data)
-    finally:
-        blobs.close()
+    for change, data in zip(kept, read_all(repo, [change.new_oid for change in kept]), strict=True):
+        if not is_binary(data) and len(data) <= limits.max_file_bytes:
+            index.add(change.path, change.new_oid, data)
     index.seal()
     index.commit = commit
 

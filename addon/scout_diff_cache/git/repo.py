@@ -340,3 +340,12 @@ class GitRepo:
             ":/",
         )
         return [p for p in out.split(b"\0") if p]
+
+
+def read_all(repo: GitRepo, oids: Sequence[str]) -> list[bytes]:
+    """Every blob's content, in order, from one ``cat-file`` process, stopped even if reading fails."""
+    blobs = repo.read_blobs(oids)
+    try:
+        return list(blobs)
+    finally:
+        blobs.close()
