@@ -63,10 +63,7 @@ class WorkingDiff:
     @property
     def redacted(self) -> int:
         """Secrets redacted in the patches it gives."""
-        if self.parts is None:
-            return 0
-        shown = set(self.parts.patch_paths)
-        return sum(redaction.path in shown for redaction in self.parts.redactions)
+        return 0 if self.parts is None else len(self.parts.redactions_shown())
 
     @property
     def size(self) -> int:
@@ -90,6 +87,11 @@ class DiffParts:
     over_total: list[bytes] = field(default_factory=list)
     nested_repos: list[bytes] = field(default_factory=list)
     redactions: list[Redaction] = field(default_factory=list)  # secrets replaced in the patches
+
+    def redactions_shown(self) -> list[Redaction]:
+        """The redactions in the patches the diff gives (not in those cut to fit the window)."""
+        shown = set(self.patch_paths)
+        return [redaction for redaction in self.redactions if redaction.path in shown]
 
 
 def _file_mode(st: os.stat_result) -> str:
@@ -272,7 +274,7 @@ def render_working_diff(commit: str | None, parts: DiffParts, limits: DiffLimits
             f"{state}\n"
             + "".join(parts.patches)
             + f"<diff_info>\nfiles included: {len(parts.patches)}, bytes: {parts.patch_bytes}\n{left_out}</diff_info>\n"
-            + redaction_listing(redaction for redaction in parts.redactions if redaction.path in set(parts.patch_paths))
+            + redaction_listing(parts.redactions_shown())
         )
     return WorkingDiff(
         commit=commit,
