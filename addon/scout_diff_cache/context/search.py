@@ -160,7 +160,8 @@ class SearchIndex:
         self.total_length = 0
         self.segments: list[Segment] = []
         self.pending: list[int] = []  # slots not in a segment yet
-        self._by_name: dict[bytes, list[bytes]] | None = None
+        self._by_name: dict[bytes, list[bytes]] | None = None  # derived: reset when the files change
+        self._live_slots: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -198,7 +199,7 @@ class SearchIndex:
         self.forward.append((ids, frequencies))
         self.lengths.append(length)
         self.slot_of[path] = slot
-        self._by_name = None
+        self._by_name = self._live_slots = None
         self.total_length += length
         self.pending.append(slot)
 
@@ -240,7 +241,7 @@ class SearchIndex:
         slot = self.slot_of.pop(path, None)
         if slot is None:
             return
-        self._by_name = None
+        self._by_name = self._live_slots = None
         self.contents[slot] = b""
         empty = np.zeros(0, dtype=np.int64)
         self.forward[slot] = (empty, empty)
@@ -264,6 +265,7 @@ class SearchIndex:
         self.forward = [self.forward[slot] for slot in live]
         self.lengths = [self.lengths[slot] for slot in live]
         self.slot_of = {path: slot for slot, path in enumerate(self.paths)}
+        self._live_slots = None
         self.segments = []
         self.pending = list(range(len(self.paths)))
 
@@ -305,9 +307,11 @@ class SearchIndex:
         return [self.paths[slot] for slot in slots if defines(self.contents[slot], word)]
 
     def _live(self) -> np.ndarray:
-        live = np.zeros(len(self.paths), dtype=bool)
-        live[list(self.slot_of.values())] = True
-        return live
+        """Per slot: whether a live file is there (cached until the files change; read-only)."""
+        if self._live_slots is None:
+            self._live_slots = np.zeros(len(self.paths), dtype=bool)
+            self._live_slots[list(self.slot_of.values())] = True
+        return self._live_slots
 
     def scored(self, terms: Sequence[bytes]) -> list[Hit]:
         """BM25 over the live files for the question's terms (its MAX_QUERY_TERMS rarest), best first."""
