@@ -253,3 +253,15 @@ async def test_an_index_that_cannot_be_built_never_fails_a_question(
         assert (
             addon.state.retriever is not None and addon.state.retriever.state().status == "failed: RuntimeError: boom"
         )
+
+
+def test_a_request_with_nothing_to_search_for_says_so_and_is_counted(
+    make_repo: Callable[..., Repo], upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    repo = make_repo(needle_files())
+    proxy = start(start_proxy, upstream, repo)
+    wait_for_index(proxy)
+    headers = ask(proxy, [{"role": "system", "content": "Be brief."}])
+    assert headers["x-scout-retrieval"] == "nothing found: no user message or tool result to search for"
+    assert "no retrieval: no user message or tool result to search for" in proxy.log()
+    assert 'scout_retrievals_total{outcome="nothing_found"} 1.0' in proxy.get("/metrics").body.decode()

@@ -81,19 +81,20 @@ async def with_retrieval(
     ``current``: HEAD's message 1 (a continuing conversation keeps its own): the index is of the files
     it leaves out, as they are at HEAD.
     """
-    snapshot, retriever = current, state.retriever
-    if settings.retrieval_tokens == 0 or retriever is None or snapshot.commit is None:
+    retriever = state.retriever
+    if settings.retrieval_tokens == 0 or retriever is None or current.commit is None:
         return turn, None
-    if snapshot.fit is None or not snapshot.fit.cut:
+    if current.fit is None or not current.fit.cut:
         return turn, None
     question = question_text(chat.messages)
     if not question:
-        return turn, RetrievalNote("nothing_found", "no user message or tool result to search for")
-    try:
-        lookup = await retriever.lookup(snapshot, question, turn.retrieved)
-    except Exception as e:  # a bug in the search must not fail the question: it goes out without retrieval
-        logger.exception("retrieval failed")
-        lookup = Lookup(f"search failed: {type(e).__name__}: {e}")
+        lookup = Lookup("no question")
+    else:
+        try:
+            lookup = await retriever.lookup(current, question, turn.retrieved)
+        except Exception as e:  # a bug in the search must not fail the question: it goes out without retrieval
+            logger.exception("retrieval failed")
+            lookup = Lookup(f"search failed: {type(e).__name__}: {e}")
     note = await _retrieved(state, settings, lookup, turn, window=window, budget=budget)
     state.metrics.retrieval(
         note.outcome,
@@ -111,6 +112,8 @@ async def with_retrieval(
 async def _retrieved(
     state: ScoutState, settings: Settings, lookup: Lookup, turn: Turn, *, window: Window, budget: WindowBudget
 ) -> RetrievalNote:
+    if lookup.status == "no question":
+        return RetrievalNote("nothing_found", "no user message or tool result to search for")
     if lookup.status == "index building":
         return RetrievalNote("index_building", "the search index of the left-out files is being built")
     if lookup.status != "ready" or lookup.commit is None:
