@@ -5,7 +5,7 @@ import json
 import pytest
 
 from scout_diff_cache.chat.request import BadRequest, assemble_body, is_json_media_type, parse_chat_request
-from scout_diff_cache.context.framing import system_message_json
+from scout_diff_cache.context.framing import encoded_content, system_message_json
 
 SNAPSHOT = system_message_json('<file path="a.py">\nprint("é")\n</file>\n')
 DIFF = system_message_json("The working tree is clean.\n")
@@ -88,6 +88,25 @@ def test_unicode_and_lone_surrogates_survive() -> None:
     messages = result["messages"]
     assert isinstance(messages, list)
     assert messages[2]["content"] == "é 😀 \ud800 日"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "".join(chr(c) for c in range(0x3000)),  # every control character, quote and backslash, and beyond
+        "\u2028\u2029\ufeff\U0001f600 \U0010ffff",
+        'a "quoted" \\path\\ \t\r\n\x7f end',
+        "",
+    ],
+)
+def test_context_text_is_escaped_exactly_as_the_json_module_does(text: str) -> None:
+    assert encoded_content(text) == json.dumps(text, ensure_ascii=False).encode("utf-8")[1:-1]
+    assert json.loads(b'"' + encoded_content(text) + b'"') == text
+
+
+def test_context_text_with_a_lone_surrogate_is_refused_as_before() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        encoded_content("a\ud800b")
 
 
 def test_nesting_up_to_the_limit_is_accepted() -> None:

@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
+import orjson
+
 MESSAGE_HEAD = b'{"role": "system", "content": "'
 MESSAGE_END = b'"}'
 # A stored flow whose snapshot was trimmed from memory has a system message starting with this.
@@ -19,8 +21,15 @@ TRIMMED_SNAPSHOT_PREFIX = "[scout-diff-cache: snapshot"
 
 
 def encoded_content(text: str) -> bytes:
-    """``text`` as the inside of a JSON string literal, as it appears in a context message."""
-    return json.dumps(text, ensure_ascii=False).encode("utf-8")[1:-1]
+    """``text`` as the inside of a JSON string literal, as it appears in a context message.
+
+    The bytes ``json.dumps(text, ensure_ascii=False)`` gives, at C speed; a string orjson refuses
+    (a lone surrogate) goes through the json module, which refuses it as before.
+    """
+    try:
+        return orjson.dumps(text)[1:-1]
+    except orjson.JSONEncodeError:
+        return json.dumps(text, ensure_ascii=False).encode("utf-8")[1:-1]
 
 
 def decode_content(encoded: bytes) -> str:
