@@ -57,6 +57,7 @@ from scout_diff_cache.context.snapshot import (
     with_history,
 )
 from scout_diff_cache.context.workdiff import DiffLimits, DiffParts, render_working_diff
+from scout_diff_cache.git.commits import first_parent_depth
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.settings import Settings
@@ -439,7 +440,7 @@ def main() -> None:
             raise SystemExit("need at least two first-parent commits")
         head_entries = [e for e in repo.ls_tree(commits[-1]) if e.kind == "blob"]
         print(
-            f"{source}: HEAD {commits[-1][:12]} at first-parent depth {repo.first_parent_depth(commits[-1])}, "
+            f"{source}: HEAD {commits[-1][:12]} at first-parent depth {first_parent_depth(repo, commits[-1])}, "
             f"{len(head_entries)} files, {sum(e.size or 0 for e in head_entries) / 1e6:.1f} MB; "
             f"{len(commits) - 1} pairs" + (f" (generated in {generated:.1f} s)" if args.repo is None else "")
         )

@@ -37,6 +37,7 @@ from scout_diff_cache.context.snapshot import (
     with_history,
 )
 from scout_diff_cache.context.workdiff import DiffLimits
+from scout_diff_cache.git.commits import first_parent_depth
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.git.watcher import ChangeMonitor
@@ -641,7 +642,7 @@ def test_a_shallow_clone_counts_its_own_depth_and_stays_correct(make_repo: Calla
     git(tmp_path, "clone", "-q", "--depth", "3", f"file://{repo.path}", str(shallow_path))
     assert (shallow_path / ".git" / "shallow").is_file()
     shallow = GitRepo(str(shallow_path))
-    assert shallow.first_parent_depth(full[10]) == 2  # what the clone has, not the full history
+    assert first_parent_depth(shallow, full[10]) == 2  # what the clone has, not the full history
 
     history = History(shallow, limits(), HistoryLimits(4, NEVER_HALVE, False))
     rendered = render(history, full[10])
@@ -1203,3 +1204,67 @@ def test_blocks_do_not_depend_on_a_users_attributes_file(make_repo: Callable[...
     assert "+changed text\n" in plain and "@@ -2,5 +2,5 @@ int f() {\n" in plain
     configured = History(GitRepo(str(clone.path)), limits(), HistoryLimits(4, NEVER_HALVE, False)).block(head)
     assert configured == plain
+
+
+def _git_processes(trace: Path) -> list[str]:
+    """The git commands started while GIT_TRACE wrote to ``trace`` (one 'built-in' line per process)."""
+    lines = trace.read_text(errors="replace").splitlines() if trace.exists() else []
+    return [line.split("built-in: ", 1)[1] for line in lines if "trace: built-in: " in line]
+
+
+def test_a_long_tail_is_read_by_a_few_git_processes_not_a_few_per_commit(
+    make_repo: Callable[..., Repo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo({"n.txt": "0\n", ".env": "S=0\n"})
+    for i in range(1, 41):
+        repo.write({"n.txt": f"{i}\n", f"m{i % 5}.py": f"value = {i}\n", ".env": f"S={i}\n"})
+        repo.commit_all(f"commit {i}")
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    history = History(GitRepo(str(repo.path)), limits(), HistoryLimits(64, NEVER_HALVE, False))
+
+    rendered = render(history, repo.head())
+
+    assert len(rendered.tail.commits) == 40
+    started = _git_processes(trace)  # the base snapshot's included (ls-tree, cat-file, its tree's sizes)
+    assert len(started) <= 10, started
+    check(repo.path, rendered, tmp_path)
+
+
+def test_each_new_commit_costs_git_work_for_itself_only_and_matches_a_fresh_reader(
+    make_repo: Callable[..., Repo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo({"n.txt": "0\n"})
+    long_lived = History(GitRepo(str(repo.path)), limits(), HistoryLimits(4, NEVER_HALVE, False))
+    long_lived.tail_for(repo.head())
+    trace = tmp_path / "trace"
+    for i in range(1, 11):
+        repo.write({"n.txt": f"{i}\n"})
+        head = repo.commit_all(f"commit {i}")
+        trace.unlink(missing_ok=True)
+        monkeypatch.setenv("GIT_TRACE", str(trace))
+        tail = long_lived.tail_for(head)
+        monkeypatch.delenv("GIT_TRACE")
+        started = _git_processes(trace)
+        assert not any("--count" in p for p in started), started  # the depth came from a known parent
+        assert sum("diff-tree" in p for p in started) <= 1, started
+        fresh = History(GitRepo(str(repo.path)), limits(), HistoryLimits(4, NEVER_HALVE, False)).tail_for(head)
+        assert tail == fresh
+
+
+def test_a_changed_file_far_over_the_limit_is_named_not_diffed_and_never_called_binary(
+    make_repo: Callable[..., Repo], tmp_path: Path
+) -> None:
+    huge = "".join(f"generated line {i:06d}\n" for i in range(1000))  # 22 KB: over 4x the 2000-byte limit
+    repo = make_repo({"gen.txt": huge, "package-lock.json": huge, "a.txt": "a\n"})
+    repo.write({"gen.txt": huge + "one more\n", "package-lock.json": huge + "x\n", "a.txt": "b\n"})
+    head = repo.commit_all("a small change to each")
+
+    history = History(GitRepo(str(repo.path)), limits(max_file_bytes=2000), HistoryLimits(8, NEVER_HALVE, False))
+    rendered = render(history, head)
+    (block,) = check(repo.path, rendered, tmp_path)
+
+    assert block.listed("changed files over the per-file limit of 2000 bytes") == [b"gen.txt"]
+    assert block.listed(EXCLUDED_TITLE) == [b"package-lock.json"]
+    assert "gen.txt" not in block.body and "Binary files" not in block.body
+    assert "+b\n" in block.body

@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileOpenedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
 
 from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
 from scout_diff_cache.context.workdiff import DiffLimits, WorkingDiff, build_working_diff
@@ -584,6 +587,97 @@ def test_serving_never_writes_to_the_git_directory(make_repo: MakeRepo) -> None:
     ((_, diff_json),) = results
     assert json.loads(diff_json)["content"].count("diff --git") == 3  # a.txt, staged.txt, untracked.txt
     assert "b.txt" not in json.loads(diff_json)["content"]
+
+
+def _opened_work_tree_files(repo: Repo, action: Callable[[], object]) -> set[str]:
+    """The work-tree files (not under .git) that anything opened while ``action`` ran, seen by inotify."""
+    opened: set[str] = set()
+
+    class Recorder(FileSystemEventHandler):
+        def on_opened(self, event: FileSystemEvent) -> None:
+            path = os.fsdecode(event.src_path)
+            if "/.git/" not in path:
+                opened.add(os.path.relpath(path, repo.path))
+
+    observer = InotifyObserver()
+    observer.schedule(Recorder(), str(repo.path), recursive=True, event_filter=[FileOpenedEvent])
+    observer.start()
+    try:
+        action()
+        time.sleep(0.3)  # let the last events arrive
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    return opened
+
+
+def test_racily_clean_files_are_read_once_then_never_again(make_repo: MakeRepo) -> None:
+    """Files written in the same second as the index: git must hash them on every diff-index unless
+    the index is refreshed, which a reader may not do to .git/index (a private copy is refreshed)."""
+    repo = make_repo({f"src/m{i:02}.py": f"value = {i}\n" for i in range(40)})
+    index = repo.path / ".git" / "index"
+    newest = max((repo.path / "src" / f"m{i:02}.py").stat().st_mtime_ns for i in range(40))
+    os.utime(index, ns=(newest, newest))  # every entry racily clean, whatever the clock did
+    before = repo.git_dir_fingerprint()
+    git_repo = GitRepo(str(repo.path))
+    commit = git_repo.head_commit()
+    assert commit is not None
+
+    def read_then_read_a_second_later() -> None:
+        build_working_diff(git_repo, commit, limits())
+        time.sleep(1.1)  # the copy made in the same second as the files: racy too, until refreshed again
+        build_working_diff(git_repo, commit, limits())
+
+    first = _opened_work_tree_files(repo, read_then_read_a_second_later)
+    repo.write({"src/m07.py": "value = 'edited'\n"})
+    later = _opened_work_tree_files(repo, lambda: [build_working_diff(git_repo, commit, limits()) for _ in range(3)])
+
+    assert len(first) >= 39  # the refresh read them (git's own check; this proves the test can fail)
+    assert later == {"src/m07.py"}, later
+    assert b"+value = 'edited'" in body(build_working_diff(git_repo, commit, limits()))
+    assert repo.git_dir_fingerprint() == before
+
+
+def test_a_same_size_edit_in_the_second_the_index_was_written_is_seen_later_too(make_repo: MakeRepo) -> None:
+    """git re-reads a file whose mtime is not older than the index (it may have changed unseen): the
+    private copy must keep the index's mtime, or the edit passes as clean by its stat data."""
+    repo = make_repo({"a.txt": "a\n"})
+    committed = (repo.path / "a.txt").stat()
+    repo.write({"a.txt": "b\n"})  # same size; mtime set back to what the index recorded
+    os.utime(repo.path / "a.txt", ns=(committed.st_atime_ns, committed.st_mtime_ns))
+    os.utime(repo.path / ".git" / "index", ns=(committed.st_mtime_ns, committed.st_mtime_ns))
+    time.sleep(1.05 - time.time() % 1)  # the copy is made in a later second than the index's mtime
+    assert "a.txt" in repo.git("diff-index", "--name-only", "HEAD")  # git itself sees it (racy check)
+
+    assert b"+b\n" in body(wdiff(repo))
+
+
+def test_a_long_lived_reader_sees_what_a_fresh_one_sees_as_the_user_changes_the_index(make_repo: MakeRepo) -> None:
+    repo = make_repo({"a.txt": "a\n", "b.txt": "b\n", "c.txt": "c\n"})
+    long_lived = GitRepo(str(repo.path))
+
+    def same_as_fresh() -> str:
+        commit = long_lived.head_commit()
+        seen = build_working_diff(long_lived, commit, limits()).text
+        assert seen == build_working_diff(GitRepo(str(repo.path)), commit, limits()).text
+        return seen
+
+    steps: list[Callable[[], object]] = [
+        lambda: repo.write({"a.txt": "a edited\n", "new.txt": "new\n"}),
+        lambda: repo.git("add", "new.txt"),
+        lambda: repo.git("rm", "-q", "--cached", "b.txt"),
+        lambda: repo.git("add", "-A"),
+        lambda: repo.git("commit", "-q", "-m", "second"),
+        lambda: repo.write({"c.txt": "c edited\n"}),
+        lambda: repo.git("reset", "-q", "--hard", "HEAD~1"),
+        lambda: repo.write({"c.txt": "C\n"}),  # same size as the committed "c\n"
+    ]
+    seen = [same_as_fresh()]
+    for step in steps:
+        step()
+        seen.append(same_as_fresh())
+    assert "new.txt" in seen[2] and "a edited" in seen[4]
+    assert "c edited" in seen[6] and "c edited" not in seen[7] and "+C" in seen[8]
 
 
 # --- repository states ----------------------------------------------------------------------------

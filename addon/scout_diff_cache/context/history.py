@@ -28,8 +28,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from ..git.commits import BIG_FILE_LIMIT_FACTOR, CommitDiff, commit_diffs, first_parent_depth, first_parent_line
 from ..git.exclusions import PathFilter
-from ..git.patches import split_patch
 from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange, read_all
 from ..text import decode_utf8, display, is_binary, listing, quoted
 from .fit import BLOCK_SLACK_TOKENS, WindowBudget
@@ -38,6 +38,10 @@ from .snapshot import SnapshotContent, SnapshotLimits, file_block, select_entrie
 from .tokens import utf8_length
 
 KEPT_BLOCKS = 4096
+KEPT_DEPTHS = 4096
+# A new HEAD's depth is found from a known commit at most this many first-parent steps back
+# (counting the whole chain costs 0.2 s on git/git's 80k commits without a commit-graph).
+DEPTH_LOOKBACK = 64
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class History:
         self.snapshot_limits = snapshot_limits
         self.limits = limits
         self._blocks: OrderedDict[str, str] = OrderedDict()
+        self._depths: OrderedDict[str, int] = OrderedDict()
         self._base_bytes: dict[str, int] = {}
         self.redacted: dict[str, int] = {}  # commit -> secrets redacted in its block
         self._lock = threading.Lock()  # two HEADs may be worked out at once, in two threads
@@ -82,12 +87,14 @@ class History:
             return self._tail_for(head, budget)
 
     def _tail_for(self, head: str, budget: WindowBudget | None) -> Tail:
-        depth = self.repo.first_parent_depth(head)
         every = self.limits.base_every_commits
+        line = first_parent_line(self.repo, head, max(every, DEPTH_LOOKBACK) + 1)  # head first
+        depth = self._depth(line)
+        self._render_missing(list(reversed(line[: depth % every])))  # the commits after the first base tried
         while True:
             steps = depth % every
-            base = self.repo.first_parent_ancestor(head, steps) if steps else head
-            commits = tuple(self.repo.first_parent_chain(base, head)) if steps else ()
+            base = line[steps]
+            commits = tuple(reversed(line[:steps]))
             blocks = tuple(self.block(commit) for commit in commits)
             tail_bytes = sum(utf8_length(block) for block in blocks)
             tokens = self._tail_tokens(blocks, tail_bytes, budget)
@@ -95,6 +102,21 @@ class History:
             if every == 1 or (fits_window and tail_bytes * 100 <= self.limits.max_tail_percent * self.base_bytes(base)):
                 return Tail(base, commits, blocks, tokens or 0, sum(self.redacted.get(c, 0) for c in commits))
             every //= 2
+
+    def _depth(self, line: list[str]) -> int:
+        """The first-parent depth of ``line[0]``: from a known commit in ``line`` if there is one."""
+        head = line[0]
+        for steps, commit in enumerate(line[: DEPTH_LOOKBACK + 1]):
+            if commit in self._depths:
+                depth = self._depths[commit] + steps
+                break
+        else:
+            depth = first_parent_depth(self.repo, head)
+        self._depths[head] = depth
+        self._depths.move_to_end(head)
+        while len(self._depths) > KEPT_DEPTHS:
+            self._depths.popitem(last=False)
+        return depth
 
     def _tail_tokens(self, blocks: Sequence[str], tail_bytes: int, budget: WindowBudget | None) -> int | None:
         """The tail's tokens (0 without a budget); None when they take more than the tail's share."""
@@ -116,33 +138,39 @@ class History:
         return self._base_bytes[commit]
 
     def block(self, commit: str) -> str:
-        if commit in self._blocks:
-            self._blocks.move_to_end(commit)
-            return self._blocks[commit]
-        block = self._render(commit)
-        self._blocks[commit] = block
+        if commit not in self._blocks:
+            self._render_missing([commit])
+        self._blocks.move_to_end(commit)
+        return self._blocks[commit]
+
+    def _render_missing(self, commits: Sequence[str]) -> None:
+        """Render the blocks not cached yet, all from one ``commit_diffs`` call (a few git processes)."""
+        missing = [commit for commit in commits if commit not in self._blocks]
+        limits = self.snapshot_limits
+        diffs = commit_diffs(self.repo, missing, limits.max_file_bytes, patches=not self.limits.full_files)
+        over_big_file_limit = self._over_big_file_limit(diffs)
+        for diff in diffs:
+            self._blocks[diff.commit] = self._render(diff, over_big_file_limit)
         while len(self._blocks) > KEPT_BLOCKS:
             self._blocks.popitem(last=False)
-        return block
 
-    def _render(self, commit: str) -> str:
-        parent, message = self.repo.commit_parent_and_message(commit)
-        changes = self.repo.commit_changes(parent or self.repo.empty_tree, commit)
+    def _render(self, diff: CommitDiff, over_big_file_limit: set[tuple[str, bytes]]) -> str:
         path_filter: PathFilter = self.snapshot_limits.path_filter
-        excluded = sorted(c.path for c in changes if path_filter.excludes(c.path))
-        kept = sorted((c for c in changes if not path_filter.excludes(c.path)), key=lambda c: c.path)
+        excluded = sorted(c.path for c in diff.changes if path_filter.excludes(c.path))
+        kept = sorted((c for c in diff.changes if not path_filter.excludes(c.path)), key=lambda c: c.path)
         too_large: list[bytes] = []
         found: list[Redaction] = []
         if self.limits.full_files:
             body = self._full_files(kept, too_large, found)
         else:
-            body = self._patches(parent or self.repo.empty_tree, commit, kept, too_large, found)
+            body = self._patches(diff, kept, over_big_file_limit, too_large, found)
+        message = diff.message
         secrets = self.snapshot_limits.secrets
         if secrets is not None:
             message, in_message = secrets.redact(COMMIT_MESSAGE, message)
             found.extend(in_message)
-        self.redacted[commit] = len(found)
-        parent_attribute = f' parent="{parent}"' if parent else ""
+        self.redacted[diff.commit] = len(found)
+        parent_attribute = f' parent="{diff.parent}"' if diff.parent else ""
         notes = (
             _listing("changed files excluded by path pattern", excluded)
             + _listing(
@@ -153,19 +181,24 @@ class History:
         text = decode_utf8(message)
         if text and not text.endswith("\n"):
             text += "\n"
-        return f'<commit id="{commit}"{parent_attribute}>\n<message>\n{text}</message>\n{body}{notes}</commit>\n'
+        return f'<commit id="{diff.commit}"{parent_attribute}>\n<message>\n{text}</message>\n{body}{notes}</commit>\n'
 
     def _patches(
-        self, parent: str, commit: str, kept: Sequence[RawChange], too_large: list[bytes], found: list[Redaction]
+        self,
+        diff: CommitDiff,
+        kept: Sequence[RawChange],
+        over_big_file_limit: set[tuple[str, bytes]],
+        too_large: list[bytes],
+        found: list[Redaction],
     ) -> str:
-        patch = self.repo.commit_patch(parent, commit, [c.path for c in kept])
         wanted = {c.path for c in kept}
         parts = []
-        for path, file_patch in split_patch(patch):
+        for path, file_patch in diff.patches:
             if path not in wanted:
-                continue  # under a kept path that became a folder, but excluded itself (conf -> conf/.env)
-            if len(file_patch) > self.snapshot_limits.max_file_bytes:
-                too_large.append(path)
+                continue  # excluded, or under a kept path that became a folder (conf -> conf/.env)
+            if len(file_patch) > self.snapshot_limits.max_file_bytes or (diff.commit, path) in over_big_file_limit:
+                if path not in too_large:
+                    too_large.append(path)
                 continue
             sent = file_patch
             if self.snapshot_limits.secrets is not None:  # removed lines too: a secret taken out is still one
@@ -173,6 +206,20 @@ class History:
                 found.extend(in_patch)
             parts.append(decode_utf8(sent))
         return "".join(parts)
+
+    def _over_big_file_limit(self, diffs: Sequence[CommitDiff]) -> set[tuple[str, bytes]]:
+        """(commit, path) of changes git called binary only for their size (commits.BIG_FILE_LIMIT_FACTOR)."""
+        binary: list[tuple[str, RawChange]] = []
+        for diff in diffs:
+            paths = {path for path, patch in diff.patches if b"\nBinary files " in patch}
+            binary.extend((diff.commit, change) for change in diff.changes if change.path in paths)
+        if not binary:
+            return set()
+        sizes = self.repo.blob_sizes(sorted({oid for _, c in binary for oid in (c.old_oid, c.new_oid)}))
+        limit = self.snapshot_limits.max_file_bytes * BIG_FILE_LIMIT_FACTOR
+        return {
+            (commit, c.path) for commit, c in binary if max(sizes.get(c.old_oid, 0), sizes.get(c.new_oid, 0)) > limit
+        }
 
     def _full_files(self, kept: Sequence[RawChange], too_large: list[bytes], found: list[Redaction]) -> str:
         present = [c for c in kept if c.new_mode not in (MODE_MISSING, MODE_SUBMODULE)]

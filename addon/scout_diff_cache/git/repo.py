@@ -1,8 +1,9 @@
 """Read-only access to the watched git repository.
 
 Every command runs with ``GIT_OPTIONAL_LOCKS=0`` and only plumbing that never writes: no index
-refresh, no ``index.lock``, nothing under ``.git`` is modified. Blobs are read from the object
-database (``ls-tree`` + one ``cat-file --batch``), never from the working tree.
+refresh, no ``index.lock``, nothing under ``.git`` is modified (the index is read through a
+refreshed private copy, see index.py). Blobs are read from the object database (``ls-tree`` + one
+``cat-file --batch``), never from the working tree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import git
+
+from .index import PrivateIndex
 
 # Modes and kinds as git writes them in ls-tree and raw diff output.
 MODE_SYMLINK = "120000"
@@ -113,7 +116,7 @@ PATCH_FLAGS = (
 )
 
 
-def _parse_raw(out: bytes) -> list[RawChange]:
+def parse_raw(out: bytes) -> list[RawChange]:
     """``git diff-index``/``diff-tree -r -z`` raw output as entries."""
     fields = iter(out.split(b"\0"))
     changes = []
@@ -125,8 +128,10 @@ def _parse_raw(out: bytes) -> list[RawChange]:
     return changes
 
 
-def _git_env(toplevel: Path) -> dict[str, str]:
+def _git_env(toplevel: Path, index: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    if index is not None:
+        env["GIT_INDEX_FILE"] = str(index)
     env.update(
         GIT_OPTIONAL_LOCKS="0",
         LC_ALL="C",
@@ -158,6 +163,7 @@ class GitRepo:
             self.common_dir = Path(repo.common_dir)
         finally:
             repo.close()
+        self.index = PrivateIndex(self.git_dir)
         self.object_format = self.run("rev-parse", "--show-object-format").decode().strip() or "sha1"
 
     @property
@@ -177,14 +183,16 @@ class GitRepo:
             return GitError("the git executable was not found on PATH")
         return GitError(f"git could not be started in {self.toplevel}: {error}")
 
-    def _run(self, args: list[str], ok_codes: Sequence[int], stdin: bytes | None = None) -> tuple[int, bytes]:
+    def _run(
+        self, args: list[str], ok_codes: Sequence[int], stdin: bytes | None = None, index: Path | None = None
+    ) -> tuple[int, bytes]:
         command = ["git", *_PINNED_CONFIG, *args]
         try:
             proc = subprocess.run(
                 command,
                 check=False,
                 cwd=self.toplevel,
-                env=_git_env(self.toplevel),
+                env=_git_env(self.toplevel, index or self.index.path),
                 input=stdin if stdin is not None else b"",
                 capture_output=True,
             )
@@ -228,7 +236,7 @@ class GitRepo:
             proc = subprocess.Popen(
                 ["git", *_PINNED_CONFIG, "cat-file", "--batch"],
                 cwd=self.toplevel,
-                env=_git_env(self.toplevel),
+                env=_git_env(self.toplevel, self.index.path),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -268,8 +276,18 @@ class GitRepo:
                 proc.stderr.close()
 
     def changed_paths(self, commit: str) -> list[RawChange]:
-        """Paths whose working-tree state differs from the commit (tracked files only)."""
-        return _parse_raw(self.run("diff-index", "-z", "--no-renames", "--ignore-submodules=none", commit, "--"))
+        """Paths whose working-tree state differs from the commit (tracked files only).
+
+        First renews the private index if the repository's index changed: this and the commands
+        after it (``patch``, ``untracked_paths``) read the refreshed copy.
+        """
+        self.index.renew(self._refresh_index)
+        return parse_raw(self.run("diff-index", "-z", "--no-renames", "--ignore-submodules=none", commit, "--"))
+
+    def _refresh_index(self, copy: Path) -> None:
+        # Split-index off: a refreshed split index would write a new shared index into .git.
+        refresh = ["-c", "core.splitIndex=false", "update-index", "-q", "--unmerged", "--ignore-submodules"]
+        self._run([*refresh, "--refresh"], ok_codes=(0, 1), index=copy)
 
     def blob_sizes(self, oids: Sequence[str]) -> dict[str, int]:
         """Sizes of the given blobs (``git cat-file --batch-check``); missing objects are left out."""
@@ -298,35 +316,10 @@ class GitRepo:
             out.append(self.run("--literal-pathspecs", subcommand, *PATCH_FLAGS, *revisions, "--", *chunk))
         return b"".join(out)
 
-    def first_parent_depth(self, commit: str) -> int:
-        """Commits before ``commit`` on its first-parent chain (0 for a root; counts what a shallow clone has)."""
-        return int(self.run("rev-list", "--first-parent", "--count", commit, "--").decode()) - 1
-
-    def first_parent_ancestor(self, commit: str, steps: int) -> str:
-        """The commit ``steps`` first-parent steps before ``commit``."""
-        out = self.run("rev-list", "--first-parent", f"--skip={steps}", "--max-count=1", commit, "--")
-        return out.decode().strip()
-
-    def first_parent_chain(self, base: str, head: str) -> list[str]:
-        """The commits after ``base`` up to ``head`` along the first-parent chain, oldest first."""
-        out = self.run("rev-list", "--first-parent", "--reverse", f"{base}..{head}", "--")
-        return out.decode().split()
-
-    def commit_parent_and_message(self, commit: str) -> tuple[str | None, bytes]:
-        """The commit's first parent (None for a root) and its raw message."""
-        raw = self.run("cat-file", "commit", commit)
-        headers, _, message = raw.partition(b"\n\n")
-        parents = [line.split()[1].decode() for line in headers.split(b"\n") if line.startswith(b"parent ")]
-        return (parents[0] if parents else None), message
-
     def commit_changes(self, parent: str, commit: str) -> list[RawChange]:
         """What ``commit`` changed against ``parent``, as raw entries."""
         out = self.run("diff-tree", "-r", "-z", "--no-renames", "--ignore-submodules=none", parent, commit, "--")
-        return _parse_raw(out)
-
-    def commit_patch(self, parent: str, commit: str, paths: Sequence[bytes]) -> bytes:
-        """``git diff-tree -p`` between two commits, limited to the given paths."""
-        return self._chunked_patch(["diff-tree", "-r", parent, commit], paths)
+        return parse_raw(out)
 
     def untracked_paths(self) -> list[bytes]:
         """Untracked files that are not ignored (``.gitignore``, ``info/exclude``, core.excludesFile)."""
