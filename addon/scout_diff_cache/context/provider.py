@@ -61,6 +61,12 @@ class _Unobserved:
         pass
 
 
+def _consume_error(task: asyncio.Future[Snapshot]) -> None:
+    """A build no request waits for any more: its error was (or will be) reported to those that asked."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(frozen=True)
 class RepoContext:
     snapshot: Snapshot
@@ -71,6 +77,15 @@ class RepoContext:
 class _WorkState:
     commit: str | None
     diff: WorkingDiff
+
+
+@dataclass(frozen=True)
+class _StateRead:
+    """A read of the working state in flight; ``head`` is known before the diff is."""
+
+    generation: Generation
+    head: asyncio.Future[str | None]
+    task: asyncio.Task[_WorkState]
 
 
 class ContextProvider:
@@ -93,15 +108,31 @@ class ContextProvider:
         self.diff_limits = diff_limits
         self.snapshot_builds = 0
         self._state: tuple[Generation, _WorkState] | None = None
-        self._state_task: tuple[Generation, asyncio.Task[_WorkState]] | None = None
+        self._state_task: _StateRead | None = None
         self._snapshots: OrderedDict[_Key, Snapshot] = OrderedDict()
         self._builds: dict[_Key, asyncio.Task[Snapshot]] = {}
         self._bases: OrderedDict[_Key, Snapshot] = OrderedDict()
         self._base_builds: dict[_Key, asyncio.Task[Snapshot]] = {}
 
     async def current(self, budget: WindowBudget | None = None) -> RepoContext:
-        """HEAD's message 1 (fitted to ``budget``, message 1's share of the window) and the working diff."""
-        state = await self._work_state()
+        """HEAD's message 1 (fitted to ``budget``, message 1's share of the window) and the working diff.
+
+        When the working state must be read again, message 1 for the HEAD read first is looked up
+        (or built) meanwhile: a cold start reads the diff and builds the snapshot at the same time.
+        """
+        known = self._known_state()
+        if known is not None:
+            return RepoContext(await self.snapshot(known.commit, budget), known.diff)
+        read = self._state_read()
+        head = await asyncio.shield(read.head)
+        early = asyncio.ensure_future(self.snapshot(head, budget)) if head is not None else None
+        try:
+            state = await asyncio.shield(read.task)
+        finally:
+            if early is not None and not early.done():
+                early.add_done_callback(_consume_error)
+        if early is not None and state.commit == head:
+            return RepoContext(await early, state.diff)
         return RepoContext(await self.snapshot(state.commit, budget), state.diff)
 
     async def snapshot(self, commit: str | None, budget: WindowBudget | None = None) -> Snapshot:
@@ -186,29 +217,42 @@ class ContextProvider:
             self._bases.popitem(last=False)
         return base
 
-    async def _work_state(self) -> _WorkState:
+    def _known_state(self) -> _WorkState | None:
+        """The working state already read for the monitor's current generation, if any."""
         if not (self.repo.toplevel.is_dir() and self.repo.git_dir.is_dir()):
             # Moving the watched directory itself raises no event the watcher counts; two stats
             # per request make a moved or deleted repository fail now, not at the next resync.
             self.monitor.note_change()
-        generation = self.monitor.generation
-        if self._state is not None and self._state[0] == generation:
+        if self._state is not None and self._state[0] == self.monitor.generation:
             return self._state[1]
-        if self._state_task is None or self._state_task[0] != generation:
-            task = asyncio.create_task(self._read_state(generation), name="scout working state")
-            self._state_task = (generation, task)
-        return await asyncio.shield(self._state_task[1])
+        return None
 
-    async def _read_state(self, generation: Generation) -> _WorkState:
+    async def _work_state(self) -> _WorkState:
+        known = self._known_state()
+        if known is not None:
+            return known
+        return await asyncio.shield(self._state_read().task)
+
+    def _state_read(self) -> _StateRead:
+        """The read of HEAD and the diff for the monitor's generation, started if it was not."""
+        generation = self.monitor.generation
+        if self._state_task is None or self._state_task.generation != generation:
+            head: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._read_state(generation, head), name="scout working state")
+            self._state_task = _StateRead(generation, head, task)
+        return self._state_task
+
+    async def _read_state(self, generation: Generation, head: asyncio.Future[str | None]) -> _WorkState:
         try:
-            state = await asyncio.to_thread(self._read_state_blocking)
+            commit = await asyncio.to_thread(self.repo.head_commit)
+            head.set_result(commit)
+            diff = await asyncio.to_thread(build_working_diff, self.repo, commit, self.diff_limits)
         except BaseException:
-            if self._state_task is not None and self._state_task[0] == generation:
+            if not head.done():
+                head.set_result(None)  # unknown: nothing is built early; the error comes from this task
+            if self._state_task is not None and self._state_task.generation == generation:
                 self._state_task = None  # let the next request try again
             raise
+        state = _WorkState(commit, diff)
         self._state = (generation, state)
         return state
-
-    def _read_state_blocking(self) -> _WorkState:
-        commit = self.repo.head_commit()
-        return _WorkState(commit, build_working_diff(self.repo, commit, self.diff_limits))
