@@ -13,8 +13,9 @@ import pytest
 from scout_diff_cache.context.provider import ContextProvider
 from scout_diff_cache.context.snapshot import SnapshotLimits
 from scout_diff_cache.context.workdiff import DiffLimits
+from scout_diff_cache.git.errors import GitError
 from scout_diff_cache.git.exclusions import PathFilter
-from scout_diff_cache.git.repo import GitError, GitRepo
+from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.git.watcher import ChangeMonitor
 from scout_diff_cache.text import human_bytes
 from support import Repo

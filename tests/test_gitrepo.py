@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -11,8 +12,10 @@ import pytest
 
 from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
 from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
+from scout_diff_cache.git import blobs
+from scout_diff_cache.git.errors import GitError
 from scout_diff_cache.git.exclusions import PathFilter
-from scout_diff_cache.git.repo import EMPTY_TREE_SHA1, EMPTY_TREE_SHA256, GitError, GitRepo
+from scout_diff_cache.git.repo import EMPTY_TREE_SHA1, EMPTY_TREE_SHA256, GitRepo, read_all
 from support import Repo
 
 MakeRepo = Callable[..., Repo]
@@ -203,26 +206,21 @@ def test_changed_paths_reports_every_kind_of_change(make_repo: MakeRepo) -> None
     (repo.path / "typechange").unlink()
     os.symlink("mod", repo.path / "typechange")
 
-    git_repo = GitRepo(str(repo.path))
-    changes = {c.path: c for c in git_repo.changed_paths(repo.head())}
+    changes = {c.path: c for c in GitRepo(str(repo.path)).changed_paths(repo.head())}
 
-    # "touched" is not reported: its content is unchanged, and the private copy of the index was refreshed
-    assert sorted(changes) == [b"added", b"del", b"mod", b"mode", b"typechange"]
+    assert sorted(changes) == [b"added", b"del", b"mod", b"mode", b"touched", b"typechange"]
     assert {p: c.status for p, c in changes.items()} == {
         b"added": "A",
         b"del": "D",
         b"mod": "M",
         b"mode": "M",
+        b"touched": "M",
         b"typechange": "T",
     }
     assert (changes[b"mode"].old_mode, changes[b"mode"].new_mode) == ("100644", "100755")
     assert changes[b"typechange"].new_mode == "120000"
-
-    # touched after the copy was made: reported, not hashed (git only sees that its stat data changed)
-    os.utime(repo.path / "touched", ns=(2 * 10**9, 2 * 10**9))
-    touched = {c.path: c for c in git_repo.changed_paths(repo.head())}[b"touched"]
-    assert (touched.status, touched.new_oid) == ("M", "0" * 40)
-    assert touched.old_oid == repo.git("rev-parse", "HEAD:touched").strip()
+    assert changes[b"touched"].new_oid == "0" * 40
+    assert changes[b"touched"].old_oid == repo.git("rev-parse", "HEAD:touched").strip()
 
 
 def test_untracked_paths(make_repo: MakeRepo) -> None:
@@ -291,3 +289,36 @@ def test_a_deleted_git_dir_fails_instead_of_finding_an_enclosing_repository(make
     for operation in every_operation(git_repo, commit, oid):
         with pytest.raises(GitError):
             operation()
+
+
+def _git_children() -> list[int]:
+    """Processes this test process started that are still running git."""
+    children = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "git":
+                    children.append(int(pid))
+    return children
+
+
+def test_many_blobs_come_in_order_and_an_early_close_or_a_bad_object_stops_every_reader(make_repo: MakeRepo) -> None:
+    files = {f"d{i % 9}/f{i:04d}.txt": f"content {i}\n" * (i % 7 + 1) for i in range(700)}
+    repo = make_repo(files)
+    git_repo = GitRepo(str(repo.path))
+    entries = [entry for entry in git_repo.ls_tree(repo.head()) if entry.kind == "blob"]
+    oids = [entry.oid for entry in entries]
+    assert len(oids) >= 2 * blobs.PARALLEL_MIN_OBJECTS  # read by two processes
+
+    assert read_all(git_repo, oids) == [files[entry.path.decode()].encode() for entry in entries]
+
+    reader = git_repo.read_blobs(oids)
+    assert next(reader) == files[entries[0].path.decode()].encode()
+    assert len(_git_children()) == 2  # both processes run from the start
+    reader.close()
+    assert _git_children() == []
+
+    missing = [*oids[:600], "0" * 40, *oids[600:]]
+    with pytest.raises(GitError, match="could not read object 0000000000"):
+        read_all(git_repo, missing)
+    assert _git_children() == []

@@ -20,8 +20,9 @@ from scout_diff_cache.context.snapshot import (
     file_block,
     symlink_block,
 )
+from scout_diff_cache.git.errors import GitError
 from scout_diff_cache.git.exclusions import PathFilter
-from scout_diff_cache.git.repo import GitError, GitRepo
+from scout_diff_cache.git.repo import GitRepo
 from support import ROOT, Repo, listed_items
 
 MakeRepo = Callable[..., Repo]
@@ -497,7 +498,8 @@ DETERMINISM_FILES: dict[str, str | bytes] = {
 BUILD_SCRIPT = """
 import sys
 from scout_diff_cache.git.exclusions import PathFilter
-from scout_diff_cache.git.repo import GitError, GitRepo
+from scout_diff_cache.git.errors import GitError
+from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.context.snapshot import SnapshotLimits, build_snapshot
 repo = GitRepo(sys.argv[1])
 snapshot = build_snapshot(repo, repo.head_commit(), SnapshotLimits(1000, 1 << 20, PathFilter.build([], True)))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .context.snapshot import Snapshot
 from .context.tiers import TIER_NAMES
-from .git.repo import GitError
+from .git.errors import GitError
 from .observe.window import ContextWindow, effective_window
 from .settings import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
 from .text import human_bytes

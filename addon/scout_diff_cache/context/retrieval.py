@@ -18,7 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..git.repo import MODE_SYMLINK, GitError, GitRepo, read_all
+from ..git.errors import GitError
+from ..git.repo import MODE_SYMLINK, GitRepo, read_all
 from ..text import display, is_binary, path_text, short_commit
 from .fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS, FitReport
 from .framing import system_message_json

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
 
+from . import blobs
+from .errors import GitError
 from .index import PrivateIndex
 
 # Modes and kinds as git writes them in ls-tree and raw diff output.
@@ -65,10 +66,6 @@ _SCRUBBED_ENV = (
     "GIT_OBJECT_DIRECTORY",
     "GIT_COMMON_DIR",
 )
-
-
-class GitError(Exception):
-    """A git operation failed; the message says which and why, for the 500 envelope."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +171,8 @@ class GitRepo:
         """Run a git command in the work tree and return stdout; failures raise GitError."""
         return self._run(list(args), ok_codes, stdin)[1]
 
-    def _start_error(self, error: OSError) -> GitError:
+    def start_error(self, error: OSError) -> GitError:
+        """Why git could not be started: the repository moved or went away, or git is missing."""
         if isinstance(error, NotADirectoryError):
             return GitError(f"the repository path {self.toplevel} is no longer a directory")
         if not self.toplevel.is_dir():
@@ -197,7 +195,7 @@ class GitRepo:
                 capture_output=True,
             )
         except OSError as e:
-            raise self._start_error(e) from None
+            raise self.start_error(e) from None
         if proc.returncode not in ok_codes:
             detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
             raise GitError(f"git {args[0]} failed in {self.toplevel}: {' '.join(detail[-3:]) or proc.returncode}")
@@ -229,51 +227,12 @@ class GitRepo:
         return entries
 
     def read_blobs(self, oids: Sequence[str]) -> Generator[bytes]:
-        """Contents of the given blobs, in order, through one ``git cat-file --batch`` process."""
-        if not oids:
-            return
-        try:
-            proc = subprocess.Popen(
-                ["git", *_PINNED_CONFIG, "cat-file", "--batch"],
-                cwd=self.toplevel,
-                env=_git_env(self.toplevel, self.index.path),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        except OSError as e:
-            raise self._start_error(e) from None
-        assert proc.stdin is not None and proc.stdout is not None
+        """Contents of the given objects, in order, from ``git cat-file --batch`` (see blobs.py)."""
+        return blobs.read_blobs(self, oids)
 
-        def feed() -> None:
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(b"".join(oid.encode() + b"\n" for oid in oids))
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-
-        writer = threading.Thread(target=feed, name="scout-cat-file-writer", daemon=True)
-        writer.start()
-        try:
-            for oid in oids:
-                header = proc.stdout.readline().split()
-                if len(header) != 3:
-                    error = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
-                    raise GitError(f"git cat-file could not read object {oid}: {error or b' '.join(header)!r}")
-                size = int(header[2])
-                data = proc.stdout.read(size)
-                proc.stdout.read(1)
-                if len(data) != size:
-                    raise GitError(f"git cat-file returned a truncated object {oid}")
-                yield data
-        finally:
-            proc.kill()
-            proc.wait()
-            writer.join()
-            proc.stdout.close()
-            if proc.stderr is not None:
-                proc.stderr.close()
+    def cat_file_command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of a ``cat-file --batch`` process (blobs.py starts them)."""
+        return ["git", *_PINNED_CONFIG, "cat-file", "--batch"], _git_env(self.toplevel, self.index.path)
 
     def changed_paths(self, commit: str) -> list[RawChange]:
         """Paths whose working-tree state differs from the commit (tracked files only).

@@ -24,7 +24,7 @@ from ..context.provider import ContextProvider, RepoContext
 from ..context.snapshot import Snapshot
 from ..context.tokens import TokenMeasure
 from ..context.workdiff import WorkState
-from ..git.repo import GitError
+from ..git.errors import GitError
 from ..settings import Settings
 from .fitting import counted
 from .state import ScoutState

@@ -12,7 +12,7 @@ from ..chat.errors import ApiError
 from ..chat.routes import HEALTH_PATH, METRICS_PATH, MODELS_PATH, route_path
 from ..context.provider import ContextProvider
 from ..context.snapshot import Snapshot
-from ..git.repo import GitError
+from ..git.errors import GitError
 from ..observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..settings import Settings
 from .fitting import fitted_context

@@ -26,7 +26,7 @@ from ..chat.usage import ask_for_stream_usage
 from ..context.fit import FitReport, WindowBudget
 from ..context.framing import strip_context
 from ..context.provider import ContextProvider, RepoContext
-from ..git.repo import GitError
+from ..git.errors import GitError
 from ..observe.verdict import tools_key
 from ..settings import Settings
 from ..text import human_bytes, path_text, short_commit

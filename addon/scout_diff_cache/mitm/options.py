@@ -31,7 +31,7 @@ from .. import __version__
 from ..chat.conversation import ConversationStore
 from ..context.retrieval import Retriever
 from ..context.secrets import SecretPatternError
-from ..git.repo import GitError
+from ..git.errors import GitError
 from ..settings import (
     CONFIG_OPTION,
     SECRET_SETTINGS,

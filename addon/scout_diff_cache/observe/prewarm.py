@@ -21,7 +21,7 @@ from ..chat.request import ChatRequest, assemble_body
 from ..chat.upstream import post_json
 from ..chat.usage import UpstreamUsage, usage_from_body
 from ..context.provider import RepoContext
-from ..git.repo import GitError
+from ..git.errors import GitError
 from ..git.watcher import Generation
 from ..text import human_bytes, short_commit
 from .metrics import ProxyMetrics
