@@ -10,9 +10,11 @@ directory and refreshed there (``update-index --refresh``), again whenever the r
 index changes; the commands that read the index are pointed at the copy (``GIT_INDEX_FILE``).
 What they report is the same: a refresh only records stat data for files whose content matches.
 
-A file written in the same second as the copy is racily clean in the copy too (git marks it to be
-hashed again), so a copy is refreshed once more, in place, on the first use a second or more
-after it was made; from then on only files the user touches are read.
+A new copy is refreshed on its first use a second or more after it was made (in place: git
+writes a lock file beside it, then renames it over the copy), not at once: entries written in the
+same second as the refresh would stay racy in it, and a commit, the usual reason for a new index,
+leaves its stat data current, so the copy serves as it is meanwhile (racy entries are hashed, as
+git does for the repository's own index); from then on only files the user touches are read.
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ class PrivateIndex:
         self._settle_after: float | None = None  # when the copy may be refreshed again to settle racy entries
 
     def renew(self, refresh: Callable[[Path], None]) -> Path | None:
-        """The copy, made again first if the repository's index changed since; ``refresh(copy)``
-        refreshes a new copy in place. None while the repository has no index."""
+        """The copy, made again first if the repository's index changed since, refreshed by
+        ``refresh(copy)`` once it is a second old. None while the repository has no index."""
         with self._lock:
             try:
                 info = os.stat(self.source)
                 signature = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
                 if signature != self._signature or self.path is None:
-                    self.path = self._copy(refresh)
+                    self.path = self._copy()
             except OSError:  # no index (yet), or no repository any more: git reads (or fails) as it would
                 self.path, self._signature = None, None
                 return None
@@ -57,11 +59,11 @@ class PrivateIndex:
                 self._signature = signature
                 self._settle_after = time.time() // 1 + 1.05  # the next whole second (timestamps are in seconds)
             elif self._settle_after is not None and time.time() >= self._settle_after:
-                refresh(self.path)  # in place: git writes a lock file, then renames it over the copy
+                refresh(self.path)
                 self._settle_after = None
             return self.path
 
-    def _copy(self, refresh: Callable[[Path], None]) -> Path:
+    def _copy(self) -> Path:
         if self._directory is None:
             self._directory = Path(tempfile.mkdtemp(prefix="scout-index-"))
             weakref.finalize(self, shutil.rmtree, self._directory, ignore_errors=True)
@@ -72,6 +74,5 @@ class PrivateIndex:
         # The index's mtime is copied too: git takes it as the time its entries were recorded, and
         # a file changed in that same second must stay "racy" (re-read), not pass as clean by stat.
         shutil.copy2(self.source, staged)
-        refresh(staged)
         os.replace(staged, target)
         return target
