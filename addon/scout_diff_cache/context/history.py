@@ -39,6 +39,7 @@ from .tokens import utf8_length
 
 KEPT_BLOCKS = 4096
 KEPT_DEPTHS = 4096
+KEPT_CHAINS = 8
 # A new HEAD's depth is found from a known commit at most this many first-parent steps back
 # (counting the whole chain costs 0.2 s on git/git's 80k commits without a commit-graph).
 DEPTH_LOOKBACK = 64
@@ -80,16 +81,33 @@ class History:
         self._base_bytes: dict[str, int] = {}
         self.redacted: dict[str, int] = {}  # commit -> secrets redacted in its block
         self._lock = threading.Lock()  # two HEADs may be worked out at once, in two threads
+        self._chains: OrderedDict[str, tuple[list[str], int]] = OrderedDict()
+        self._chain_lock = threading.Lock()
+
+    def first_candidate(self, head: str) -> str:
+        """The base the rule tries first for ``head`` (the tail may move it closer): known before
+        any block is rendered, so its snapshot can be built while they are."""
+        line, depth = self._chain(head)
+        return line[depth % self.limits.base_every_commits]
 
     def tail_for(self, head: str, budget: WindowBudget | None = None) -> Tail:
         """The base and the tail for ``head``, by the rule in the module docstring (may ask the tokenizer)."""
         with self._lock:
             return self._tail_for(head, budget)
 
+    def _chain(self, head: str) -> tuple[list[str], int]:
+        """``head`` and its recent first-parent ancestors (newest first), and its depth; cached per head."""
+        with self._chain_lock:
+            if head not in self._chains:
+                line = first_parent_line(self.repo, head, max(self.limits.base_every_commits, DEPTH_LOOKBACK) + 1)
+                self._chains[head] = (line, self._depth(line))
+                while len(self._chains) > KEPT_CHAINS:
+                    self._chains.popitem(last=False)
+            return self._chains[head]
+
     def _tail_for(self, head: str, budget: WindowBudget | None) -> Tail:
         every = self.limits.base_every_commits
-        line = first_parent_line(self.repo, head, max(every, DEPTH_LOOKBACK) + 1)  # head first
-        depth = self._depth(line)
+        line, depth = self._chain(head)
         self._render_missing(list(reversed(line[: depth % every])))  # the commits after the first base tried
         while True:
             steps = depth % every

@@ -186,9 +186,17 @@ class ContextProvider:
     async def _with_history(self, head: str, budget: WindowBudget | None) -> Snapshot:
         """Append-only layout: the base snapshot (built once per base) and the blocks after it."""
         assert self.history is not None
-        tail = await asyncio.to_thread(self.history.tail_for, head, budget)
         base_budget = tail_share(budget, self.history.limits)[0] if budget is not None else None
-        base = await self._base(tail.base, base_budget)
+        # The base tried first is built while the tail's blocks are rendered; it is the one
+        # used unless the tail is too large for it (then it stays cached for the next HEADs).
+        candidate = await asyncio.to_thread(self.history.first_candidate, head)
+        early = asyncio.ensure_future(self._base(candidate, base_budget))
+        try:
+            tail = await asyncio.to_thread(self.history.tail_for, head, budget)
+        finally:
+            if not early.done():
+                early.add_done_callback(_consume_error)
+        base = await (early if tail.base == candidate else self._base(tail.base, base_budget))
         if not tail.commits:
             return base
         blocks = list(zip(tail.commits, tail.blocks, strict=True))
