@@ -206,7 +206,9 @@ def test_changed_paths_reports_every_kind_of_change(make_repo: MakeRepo) -> None
     (repo.path / "typechange").unlink()
     os.symlink("mod", repo.path / "typechange")
 
-    changes = {c.path: c for c in GitRepo(str(repo.path)).changed_paths(repo.head())}
+    git_repo = GitRepo(str(repo.path))
+    git_repo.renew_index()
+    changes = {c.path: c for c in git_repo.working_changes(repo.head(), 1 << 20)[0]}
 
     assert sorted(changes) == [b"added", b"del", b"mod", b"mode", b"touched", b"typechange"]
     assert {p: c.status for p, c in changes.items()} == {
@@ -245,11 +247,10 @@ def test_command_failure_names_the_command(make_repo: MakeRepo) -> None:
 def every_operation(git_repo: GitRepo, commit: str, oid: str) -> list[Callable[[], object]]:
     return [
         git_repo.head_commit,
-        lambda: git_repo.ls_tree(commit),
+        lambda: git_repo.ls_tree(commit, sizes=False),  # with sizes, the last trees read are kept (immutable)
         lambda: list(git_repo.read_blobs([oid])),
         lambda: git_repo.blob_sizes([oid]),
-        lambda: git_repo.changed_paths(commit),
-        lambda: git_repo.patch(commit, [b"a"]),
+        lambda: git_repo.working_changes(commit, 1 << 20),
         git_repo.untracked_paths,
         lambda: build_snapshot(git_repo, commit, SNAPSHOT_LIMITS),
         lambda: build_working_diff(git_repo, commit, DIFF_LIMITS),

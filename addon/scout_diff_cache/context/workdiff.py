@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from ..git.errors import GitError
 from ..git.exclusions import PathFilter
 from ..git.patches import blob_id, new_file_patch, split_patch
 from ..git.repo import BLOB_MODES, MODE_EXECUTABLE, MODE_FILE, MODE_SYMLINK, GitRepo, RawChange
@@ -100,6 +102,9 @@ def _file_mode(st: os.stat_result) -> str:
     return MODE_EXECUTABLE if st.st_mode & stat.S_IXUSR else MODE_FILE
 
 
+_UNTRACKED_LISTING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="scout-untracked")
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A changed path that passed exclusions; an untracked file (no patch yet) is read only when reached."""
@@ -115,7 +120,12 @@ def collect_changes(repo: GitRepo, commit: str, limits: DiffLimits, parts: DiffP
     files past the total limit are never read.
     """
     tracked: list[bytes] = []
-    changes = repo.changed_paths(commit)
+    repo.renew_index()
+    untracked = _UNTRACKED_LISTING.submit(repo.untracked_paths)  # its walk of the tree, on another core
+    try:
+        changes, patch = repo.working_changes(commit, limits.max_file_bytes)
+    except GitError:  # a changed path git cannot read (a FIFO in place of a file): patch only the wanted ones
+        changes, patch = repo.working_changes(commit, None)[0], None
     old_sizes = repo.blob_sizes(sorted({c.old_oid for c in changes if c.old_mode in BLOB_MODES}))
     for change in changes:
         old_size = old_sizes.get(change.old_oid, 0) if change.old_mode in BLOB_MODES else 0
@@ -130,10 +140,13 @@ def collect_changes(repo: GitRepo, commit: str, limits: DiffLimits, parts: DiffP
             parts.too_large.append(change.path)
         else:
             tracked.append(change.path)
-    # A pathspec matches a folder's contents too (a file replaced by a folder): keep only the paths asked for.
+    # The patch covers every changed path: keep the wanted ones (not excluded nor too large; a path that
+    # became a folder shows its new files under it too).
     wanted = set(tracked)
-    candidates = [Candidate(path, chunk) for path, chunk in split_patch(repo.patch(commit, tracked)) if path in wanted]
-    for path in repo.untracked_paths():
+    if patch is None:
+        patch = repo.patch_of(commit, tracked) if tracked else b""
+    candidates = [Candidate(path, chunk) for path, chunk in split_patch(patch) if path in wanted]
+    for path in untracked.result():
         if path.endswith(b"/"):
             parts.nested_repos.append(path.rstrip(b"/"))
         elif limits.path_filter.excludes(path):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .patches import split_patch
-from .repo import PATCH_FLAGS, GitRepo, RawChange, parse_raw, read_all
+from .repo import PATCH_FLAGS, GitRepo, RawChange, read_all, split_raw
 
 # diff-tree treats a file larger than this as binary, so no patch holds megabytes of an excluded
 # generated file; a kept file above it is listed as over the per-file limit (BIG_FILE_LIMIT_FACTOR
@@ -66,7 +66,7 @@ def commit_diffs(repo: GitRepo, commits: Sequence[str], max_file_bytes: int, pat
     diffs = []
     for index, (commit, (parent, message)) in enumerate(zip(commits, parsed, strict=True)):
         end = starts[index + 1] if index + 1 < len(commits) else len(output)
-        changes, patch = _split_raw(output[starts[index] + len(commit) + 1 : end])
+        changes, patch = split_raw(output[starts[index] + len(commit) + 1 : end])
         diffs.append(CommitDiff(commit, parent, message, tuple(changes), tuple(split_patch(patch))))
     return diffs
 
@@ -90,15 +90,3 @@ def _commit_starts(output: bytes, commits: Sequence[str]) -> list[int]:
         starts.append(position)
         position += len(marker)
     return starts
-
-
-def _split_raw(chunk: bytes) -> tuple[list[RawChange], bytes]:
-    """One commit's ``--patch-with-raw -z`` output after its id: raw entries, then NUL and the patch."""
-    position = 0
-    while chunk.startswith(b":", position):
-        meta_end = chunk.index(b"\0", position)
-        path_end = chunk.index(b"\0", meta_end + 1)
-        position = path_end + 1
-    changes = parse_raw(chunk[:position])
-    patch = chunk[position + 1 :] if chunk.startswith(b"\0", position) else b""
-    return changes, patch
