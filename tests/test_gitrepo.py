@@ -292,14 +292,16 @@ def test_a_deleted_git_dir_fails_instead_of_finding_an_enclosing_repository(make
             operation()
 
 
-def _git_children() -> list[int]:
-    """Processes this test process started that are still running git."""
+def _git_children(repo: Repo) -> list[int]:
+    """git processes this test process started in ``repo`` that are still running."""
     children = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "git":
-                    children.append(int(pid))
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    if comm == "git" and Path(f"/proc/{pid}/cwd").resolve() == repo.path.resolve():
+                        children.append(int(pid))
     return children
 
 
@@ -315,11 +317,11 @@ def test_many_blobs_come_in_order_and_an_early_close_or_a_bad_object_stops_every
 
     reader = git_repo.read_blobs(oids)
     assert next(reader) == files[entries[0].path.decode()].encode()
-    assert len(_git_children()) == 2  # both processes run from the start
+    assert len(_git_children(repo)) == 2  # both processes run from the start
     reader.close()
-    assert _git_children() == []
+    assert _git_children(repo) == []
 
     missing = [*oids[:600], "0" * 40, *oids[600:]]
     with pytest.raises(GitError, match="could not read object 0000000000"):
         read_all(git_repo, missing)
-    assert _git_children() == []
+    assert _git_children(repo) == []
