@@ -279,6 +279,8 @@ class UpstreamBehaviour:
     stream_chunks: int = 3
     # When set, the server sends the first SSE chunk, then waits for this before sending the rest.
     stream_gate: threading.Event | None = None
+    # When set, the server sends "data: [DONE]", then waits for this before ending the body.
+    end_gate: threading.Event | None = None
     # When set, the first content event carries this many characters, sent in 64 KiB pieces.
     long_event_chars: int = 0
     piece_delay: float = 0.0  # seconds between those pieces
@@ -438,6 +440,8 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
                 self._chunk(encoded[start : start + piece])
                 time.sleep(behaviour.piece_delay)
         self._chunk(b"data: [DONE]\n\n")
+        if behaviour.end_gate is not None:
+            behaviour.end_gate.wait(timeout=20)
         self._chunk(b"")
 
     def _chunk(self, data: bytes) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,6 +162,32 @@ def test_stream_usage_is_asked_for_and_removed_for_a_client_that_did_not_ask(
     # Read anyway: the second stream's verdict is a hit (vLLM reported cached tokens in the removed chunk).
     wait_for_log(proxy, "(hit)")
     assert metric(proxy, "scout_chat_requests_total", outcome="hit") == 1
+
+
+@pytest.mark.parametrize("engine_upstream", ["vllm"], indirect=True)
+def test_a_client_that_closes_at_done_before_the_body_ends_still_gets_a_verdict(
+    engine_upstream: Upstream, proxy_for: ProxyFor
+) -> None:
+    """SDKs stop reading at "data: [DONE]" and may close before the stream's last bytes arrive:
+    the answer was whole and its usage had passed, so the verdict is given, not "client gone"."""
+    proxy = proxy_for(engine_upstream)
+    ask(proxy, "q0")  # the prefix cache holds the first prompt
+    gate = threading.Event()
+    engine_upstream.behaviour.end_gate = gate
+    body = json.dumps({"messages": [{"role": "user", "content": "q1"}], "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        deadline = time.monotonic() + 20
+        while b"data: [DONE]" not in received and time.monotonic() < deadline:
+            received += sock.recv(65536)
+    assert b"data: [DONE]" in received
+    gate.set()  # the upstream ends the body after the client left
+
+    wait_for_log(proxy, "(hit)")
+    assert metric(proxy, "scout_chat_requests_total", outcome="hit") == 1
+    assert metric(proxy, "scout_chat_requests_total", outcome="client_gone") == 0
 
 
 @pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)

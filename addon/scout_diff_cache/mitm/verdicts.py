@@ -55,6 +55,11 @@ class CacheVerdicts:
             return
         message = flow.error.msg if flow.error is not None else ""
         gone = "client disconnected" in message.lower() or flow.client_conn.timestamp_end is not None
+        if gone and record.tap is not None and record.tap.usage is not None:
+            # The usage event had passed: a client that stops reading at [DONE] may close before
+            # the stream's last bytes, and the answer it got was whole.
+            self.judge(flow, record, record.tap.usage)
+            return
         self.finish(flow, record, "client_gone" if gone else "upstream_error", None, failure=message)
 
     async def answered(self, flow: http.HTTPFlow, record: ChatRecord) -> None:
@@ -74,10 +79,14 @@ class CacheVerdicts:
             usage = usage_from_body(response.get_content(strict=False) or b"")
         else:  # a large answer is decoded and parsed in a thread: other connections keep being served
             usage = await asyncio.to_thread(lambda: usage_from_body(response.get_content(strict=False) or b""))
+        self.judge(flow, record, usage)
+
+    def judge(self, flow: http.HTTPFlow, record: ChatRecord, usage: UpstreamUsage | None) -> None:
+        """The verdict of an answer, from its usage: header (unless streamed), log, metrics."""
         verdict = classify(usage, self.snapshot_tokens(record, usage), record.history, record.snapshot)
         self.state.tracker.after_answer(record.base_url, usage, verdict)
-        if record.tap is None:
-            response.headers["x-scout-cache"] = verdict_header(verdict, usage)
+        if record.tap is None and flow.response is not None:
+            flow.response.headers["x-scout-cache"] = verdict_header(verdict, usage)
         self.finish(flow, record, verdict.verdict, verdict, usage=usage)
         self.count_tokens(record, usage)
 
