@@ -1001,3 +1001,23 @@ def test_client_replay_of_a_saved_flow_sends_the_same_body_when_nothing_changed(
     original, replayed = upstream.chat_requests()
     assert replayed.body == original.body
     assert len(replayed.json()["messages"]) == 3
+
+
+def test_message_1_is_built_at_start_and_the_first_question_does_not_build_it_again(
+    make_repo: Any, upstream: Upstream, start_proxy: Any
+) -> None:
+    repo = make_repo(SHARED_FILES)
+    proxy = start_proxy(upstream.url, {"GIT_REPO_PATH": str(repo.path)})
+    deadline = time.monotonic() + 30
+    while "ready" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"message 1 for {repo.head()[:7]} ready" in proxy.log()
+    assert not upstream.chat_requests()  # built, not sent: nobody asked yet
+
+    ask(proxy)
+
+    log = proxy.log()
+    assert log.count(f"snapshot {repo.head()[:7]} built") == 1
+    assert log.index(f"snapshot {repo.head()[:7]} built") < log.index("ready") < log.index("chat 200")
+    metrics = http_request("GET", proxy.base_url + "/metrics").body.decode()
+    assert 'scout_snapshot_cache_lookups_total{result="miss"} 1.0' in metrics  # the build at start, only

@@ -23,6 +23,7 @@ from .prewarm import Prewarm
 from .retention import BodyRetention
 from .state import ScoutState
 from .verdicts import CacheVerdicts
+from .warmstart import WarmStart
 from .window import WindowLearner
 
 
@@ -44,5 +45,6 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         BodyRetention(state),  # response: trim old flows' snapshots in mitmweb
         Prewarm(state),  # running: prefill a new base upstream
         WindowLearner(state),  # running, response: the upstream's window and tokenizer
+        WarmStart(state),  # running: message 1 built before the first request (after the window is asked)
         GcPacing(state),  # response: full collections paced by spliced bytes
     ]
