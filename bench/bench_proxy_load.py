@@ -1,12 +1,13 @@
 """Speed at scale through a real mitmdump (issue 16): per-request cost, event-loop stalls, memory under load.
 
-Generates a repository of about ``--megabytes`` MB (default 40), starts the recording upstream of
+Generates a repository of about ``--megabytes`` MB (default 40) with ``--commits`` commits, or
+clones ``--repo PATH`` (git/git, ...), starts the recording upstream of
 tests/support.py and mitmdump running the addon (MAX_CONTEXT_TOKENS large enough for the whole
 repository, so message 1 is all of it), all on 127.0.0.1, and measures in one run:
 
-1. cold first answer: the first chat request a freshly started mitmdump answers (HEAD, the
-   diff, the history tail of ``--commits`` commits and the base snapshot are all read then), less
-   a warm request, against ``git archive HEAD > /dev/null`` (goal <= 1.3x);
+1. cold first answer: a chat request sent as soon as a freshly started mitmdump listens (it
+   waits for the build of message 1 begun at start: HEAD, the diff, the history tail and the base
+   snapshot), less a warm request, against ``git archive HEAD > /dev/null`` (goal <= 1.3x);
 2. a new commit: the first request after a commit (once the watcher saw it) against a warm
    request, medians of ``--requests`` commits (goal <= 1.5x);
 3. per request: a small chat request through the proxy (which sends the upstream the whole
@@ -24,7 +25,7 @@ repository, so message 1 is all of it), all on 127.0.0.1, and measures in one ru
 Machines differ: compare ratios, not milliseconds. Every process it starts is stopped before it
 returns, on errors and Ctrl-C too.
 
-Usage: .venv/bin/python bench/bench_proxy_load.py [--megabytes M] [--requests N] [--concurrent C] [--commits N]
+Usage: .venv/bin/python bench/bench_proxy_load.py [--megabytes M | --repo PATH] [--requests N] [--concurrent C]
 """
 
 from __future__ import annotations
@@ -82,11 +83,12 @@ def cold_and_new_commit(proxy: Proxy, upstream: Upstream, repo: Repo, rounds: in
         f"git archive {archive * 1000:.0f} ms (best of 3)"
     )
     print(f"  ratio (cold - warm) / git archive: {(cold - warm) / archive:.2f}x (goal <= 1.3x)")
-    module = sorted(repo.path.rglob("*.py"))[-1]
+    module = repo.path / "scout_bench_edit.txt"
     warm_times, after_commit = [], []
     for i in range(rounds):
         warm_times.append(post(proxy.base_url, chat_body("warm")))
-        module.write_text(module.read_text() + f"\n# new commit {i}\n")
+        with module.open("a") as edit:
+            edit.write(f"new commit {i}\n")
         repo.commit_all(f"new commit {i}")
         time.sleep(0.3)  # the watcher sees it (inotify: milliseconds)
         after_commit.append(post(proxy.base_url, chat_body("after a commit")))
@@ -213,8 +215,8 @@ def stalls(proxy: Proxy, repo: Repo) -> None:
     with ThreadPoolExecutor(1) as pool:
         gaps_future = pool.submit(stream_gaps, proxy, 60, started)
         started.wait(30)
-        first = sorted(repo.path.rglob("*.py"))[0]
-        first.write_text(first.read_text() + "\n# a new base\n")
+        with (repo.path / "scout_bench_edit.txt").open("a") as edit:
+            edit.write("a new base\n")
         repo.commit_all("a commit during the stream")
         time.sleep(0.3)  # the watcher sees it
         for i in range(3):
@@ -289,25 +291,31 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=9, help="requests per side for the per-request ratio")
     parser.add_argument("--concurrent", type=int, default=64)
     parser.add_argument("--commits", type=int, default=30, help="history made before the proxy starts")
+    parser.add_argument("--repo", type=Path, help="a clone of this repository instead of a generated one")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
     os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
     with tempfile.TemporaryDirectory(prefix="scout-proxy-load-") as tmp:
         root = Path(tmp)
-        files = args.megabytes * 1_000_000 // 11_000
-        repo = Repo.create(root / "repo", generated_files(files, 11_000))
-        for i in range(args.commits):
-            module = root / "repo" / f"pkg{i % 20:02d}" / f"history_{i % 7}.py"
-            module.parent.mkdir(exist_ok=True)
-            module.write_text(f"STEP = {i}\n")
-            repo.commit_all(f"history {i}")
-        # A window that holds the whole repository (by the 3-bytes-per-token estimate), so message 1
-        # is every file: the 40 MB body this bench is about, not a cut to the fake upstream's default.
-        env = {"GIT_REPO_PATH": str(repo.path), "MAX_CONTEXT_TOKENS": str(args.megabytes * 1_000_000)}
+        if args.repo is None:
+            files = args.megabytes * 1_000_000 // 11_000
+            repo = Repo.create(root / "repo", generated_files(files, 11_000))
+            for i in range(args.commits):
+                module = root / "repo" / f"pkg{i % 20:02d}" / f"history_{i % 7}.py"
+                module.parent.mkdir(exist_ok=True)
+                module.write_text(f"STEP = {i}\n")
+                repo.commit_all(f"history {i}")
+            described = f"{files:,} generated files and {args.commits} commits"
+        else:  # commits are made in a clone, never in the repository given
+            subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(args.repo), str(root / "repo")], check=True)
+            repo, described = Repo(root / "repo"), f"a clone of {args.repo}"
+        # A window that holds the whole repository, so message 1 is every file: the multi-megabyte
+        # body this bench is about, not a cut to the fake upstream's default window.
+        env = {"GIT_REPO_PATH": str(repo.path), "MAX_CONTEXT_TOKENS": str(1 << 30)}
         with run_upstream() as upstream:
             with run_proxy(upstream.url, root / "proxy", env) as proxy:
-                print(f"repository: {files:,} generated files and {args.commits} commits")
+                print(f"repository: {described}")
                 cold_and_new_commit(proxy, upstream, repo, args.requests)
                 per_request(proxy, upstream, args.requests)
             every_commit_a_base = {**env, "BASE_EVERY_COMMITS": "1", "MAX_TAIL_PERCENT": "0"}

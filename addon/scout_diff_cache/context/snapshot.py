@@ -23,6 +23,7 @@ from .fit import FitReport, WindowBudget
 from .footer import fit_to_window, render_footer
 from .framing import MESSAGE_END, MESSAGE_HEAD, encode_regions
 from .secrets import Redaction, SecretScanner, scan_ahead
+from .tokens import utf8_length
 
 PREAMBLE = (
     "This is a snapshot of a git repository: the content of every text file tracked at its current "
@@ -190,7 +191,7 @@ def fill_blocks(
             else:
                 content.redactions.extend(found)
                 block = file_block(entry.path, data)
-            block_size = len(block.encode("utf-8"))
+            block_size = utf8_length(block)  # decoded with replacement: never a lone surrogate
             if content.block_bytes + block_size > limits.max_snapshot_bytes:
                 content.over_total.extend(LeftOut(e.path, e.size) for e in entries[index:])
                 return
