@@ -2,8 +2,8 @@
 
 Every command runs with ``GIT_OPTIONAL_LOCKS=0`` and only plumbing that never writes: no index
 refresh, no ``index.lock``, nothing under ``.git`` is modified (the index is read through a
-refreshed private copy, see index.py). Blobs are read from the object database (``ls-tree`` + one
-``cat-file --batch``), never from the working tree.
+refreshed private copy, see index.py). Blobs are read from the object database (``ls-tree`` and
+``cat-file --batch``, see blobs.py), never from the working tree.
 """
 
 from __future__ import annotations
