@@ -62,10 +62,13 @@ def stdlib_corpus(root: Path) -> Repo:
 
 def corpus_or_clone(root: Path, given: Path | None) -> Repo:
     """The stdlib corpus, or a clone of ``given`` (a benchmark commits into it, never into the original)."""
-    if given is None:
-        return stdlib_corpus(root)
-    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(given), f"{root}/clone"], check=True)
-    return Repo(root / "clone")
+    return stdlib_corpus(root) if given is None else clone_of(given, root / "clone")
+
+
+def clone_of(given: Path, target: Path) -> Repo:
+    """A full copy of ``given`` at ``target``: the benchmark's commits never reach the original."""
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(given), str(target)], check=True)
+    return Repo(target)
 
 
 def tokenizer(url: str, model: str | None) -> UpstreamTokenizer:

@@ -47,8 +47,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from bench_fit import clone_of, git_archive_seconds
 from support import Proxy, Repo, Upstream, generated_files, http_request, run_proxy, run_upstream
 
 CHAT = "/v1/chat/completions"
@@ -65,12 +67,6 @@ def post(url: str, body: bytes) -> float:
     result = http_request("POST", url + CHAT, body, HEADERS)
     if result.status != 200:
         raise RuntimeError(f"HTTP {result.status}: {result.body[:300]!r}")
-    return time.perf_counter() - started
-
-
-def git_archive_seconds(path: Path) -> float:
-    started = time.perf_counter()
-    subprocess.run(["git", "-C", str(path), "archive", "HEAD"], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -307,9 +303,8 @@ def main() -> None:
                 module.write_text(f"STEP = {i}\n")
                 repo.commit_all(f"history {i}")
             described = f"{files:,} generated files and {args.commits} commits"
-        else:  # commits are made in a clone, never in the repository given
-            subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(args.repo), str(root / "repo")], check=True)
-            repo, described = Repo(root / "repo"), f"a clone of {args.repo}"
+        else:
+            repo, described = clone_of(args.repo, root / "repo"), f"a clone of {args.repo}"
         # A window that holds the whole repository, so message 1 is every file: the multi-megabyte
         # body this bench is about, not a cut to the fake upstream's default window.
         env = {"GIT_REPO_PATH": str(repo.path), "MAX_CONTEXT_TOKENS": str(1 << 30)}
