@@ -1,19 +1,22 @@
 """Asking a real model server through the proxy with the real ``openai`` client, and reading what came back.
 
-Shared by the llama.cpp and vLLM tiers: the answer's headers (the proxy's verdict), its usage, and
-waits on the proxy's log and its view of HEAD.
+Shared by the llama.cpp and vLLM tiers: the answer's headers (the proxy's verdict), its usage,
+waits on the proxy's log and its view of HEAD, and ``scout-diff-cache doctor`` against the server.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
 
-from support import Proxy
+from support import Proxy, free_port, proxy_env
 
 
 @dataclass
@@ -105,3 +108,24 @@ def wait_for_head(proxy: Proxy, head: str, timeout: float = 10) -> None:
     while proxy.get("/health").json().get("head") != head:
         assert time.monotonic() < deadline, f"the proxy never saw HEAD {head}"
         time.sleep(0.05)
+
+
+def doctor_verdicts(target_url: str, repo: Path, work_dir: Path, **env: str) -> dict[str, tuple[str, str]]:
+    """``scout-diff-cache doctor`` against ``target_url``: check -> (level, detail); asserts it exits 0."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    environ = {
+        **proxy_env({}, work_dir),
+        "TARGET_API_URL": target_url,
+        "GIT_REPO_PATH": str(repo),
+        "PORT": str(free_port()),
+        **env,
+    }
+    command = [str(Path(sys.executable).with_name("scout-diff-cache")), "doctor"]
+    result = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    verdicts = {}
+    for line in result.stdout.splitlines()[:-1]:
+        level, _, rest = line.partition(" ")
+        check, _, detail = rest.strip().partition(": ")
+        verdicts[check] = (level, detail)
+    return verdicts

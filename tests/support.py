@@ -23,16 +23,17 @@ from typing import Any
 
 import psutil
 
+from scout_diff_cache.launch import launch_env_name
+from scout_diff_cache.settings import LAUNCH_NAMES, SETTING_NAMES, env_name
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "addon" / "scout.py"
+# Every setting's environment variable, the launch settings' and the config file's: none leaks in.
 SETTING_ENV_NAMES = (
-    "GIT_REPO_PATH", "TARGET_API_KEY", "MAX_FILE_BYTES", "MAX_SNAPSHOT_BYTES", "MAX_DIFF_BYTES", "INJECT_CONTEXT",
-    "EXCLUDE_PATH_PATTERNS", "USE_DEFAULT_EXCLUDES", "UPSTREAM_TIMEOUT_MS", "MODEL_ID", "UPSTREAM_MODEL",
-    "UPSTREAM_CONNECT_TIMEOUT_MS", "PROXY_API_KEY", "ALLOW_REMOTE_WITHOUT_KEY", "STREAM_USAGE",
-    "COUNT_SNAPSHOT_TOKENS", "KEEP_FULL_BODIES", "LAYOUT", "BASE_EVERY_COMMITS", "MAX_TAIL_PERCENT",
-    "HISTORY_FULL_FILES", "PREWARM", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", "MAX_BODY_BYTES",
+    *(env_name(name) for name in SETTING_NAMES),
+    *(launch_env_name(name) for name in LAUNCH_NAMES),
     "SCOUT_CONFIG",
-)  # fmt: skip
+)
 
 # Fixed identity and dates: the same operations give the same commit ids on every machine.
 GIT_COMMIT_ENV = {
@@ -593,7 +594,8 @@ def proxy_env(env: Mapping[str, str], work_dir: Path) -> dict[str, str]:
     config = work_dir / "empty-config.yaml"
     config.write_text("{}\n")
     base = {k: v for k, v in os.environ.items() if k not in SETTING_ENV_NAMES}
-    return {**base, "SCOUT_CONFIG": str(config), **env}
+    # A proxy stopped with requests still open waits STOP_GRACE_MS: short here, unless a test says otherwise.
+    return {**base, "SCOUT_CONFIG": str(config), "STOP_GRACE_MS": "1000", **env}
 
 
 @contextlib.contextmanager

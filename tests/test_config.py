@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scout_diff_cache.launch import LaunchSettings, load_launch, reverse_mode
 from scout_diff_cache.settings import (
     DEFAULT_CONFIG_FILE,
+    LAUNCH_NAMES,
     SETTING_NAMES,
     ConfigError,
     Settings,
@@ -143,9 +145,56 @@ def test_config_path_resolution(tmp_path: Path) -> None:
     assert resolve_config_path(None, {}) == DEFAULT_CONFIG_FILE
 
 
+def test_the_users_config_file_comes_after_scout_config_and_before_the_projects(tmp_path: Path) -> None:
+    user_file = tmp_path / "xdg" / "scout-diff-cache" / "config.yaml"
+    environ = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
+    assert resolve_config_path(None, environ) == DEFAULT_CONFIG_FILE  # no user file yet
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("max_file_bytes: 1\n")
+    assert resolve_config_path(None, environ) == user_file
+    assert resolve_config_path(None, {**environ, "SCOUT_CONFIG": "y.yaml"}) == Path("y.yaml")
+    home_file = tmp_path / "home" / ".config" / "scout-diff-cache" / "config.yaml"
+    home_file.parent.mkdir(parents=True)
+    home_file.write_text("{}\n")
+    assert resolve_config_path(None, {"HOME": str(tmp_path / "home")}) == home_file
+
+
+@pytest.mark.parametrize(
+    ("url", "mode"),
+    [
+        ("http://127.0.0.1:8000", "reverse:http://127.0.0.1:8000"),
+        ("http://127.0.0.1:8000/v1", "reverse:http://127.0.0.1:8000"),
+        ("https://models.internal/v1/", "reverse:https://models.internal"),
+        ("http://[::1]:8000/", "reverse:http://[::1]:8000"),
+    ],
+)
+def test_target_api_url_becomes_mitmproxys_reverse_mode(url: str, mode: str) -> None:
+    launch, sources = load_launch({}, {"TARGET_API_URL": url}, None)
+    assert reverse_mode(launch) == mode
+    assert sources["target_api_url"] == "environment"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["127.0.0.1:8000", "ftp://h/", "http://h:8000/openai/v1", "http://h/v1?x=1", "http://u:p@h/", "http://h:99999"],
+)
+def test_a_target_api_url_the_proxy_cannot_forward_to_is_refused_by_name(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"invalid setting target_api_url \(flag --target-api-url\)"):
+        load_launch({"target_api_url": url}, {}, None)
+
+
+def test_launch_settings_precedence_flag_environment_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", "port: 1001\nhost: 127.0.0.2\ntarget_api_url: http://a:1\n")
+    launch, sources = load_launch({"port": "1003"}, {"PORT": "1002", "HOST": "127.0.0.3"}, config)
+    assert (launch.port, launch.host, launch.target_api_url) == (1003, "127.0.0.3", "http://a:1")
+    assert sources == {"port": "option", "host": "environment", "target_api_url": "config file"}
+    assert LaunchSettings() == load_launch({}, {}, None)[0]
+
+
 def test_project_config_yaml_lists_every_setting_with_its_default() -> None:
     data = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text(encoding="utf-8"))
-    assert list(data) == list(SETTING_NAMES)
+    assert list(data) == [*LAUNCH_NAMES, *SETTING_NAMES]
+    assert {name: data.pop(name) for name in LAUNCH_NAMES} == LaunchSettings().model_dump()
     defaults = Settings.model_fields
     for name, value in data.items():
         expected = defaults[name].default
@@ -156,7 +205,7 @@ def test_project_config_yaml_lists_every_setting_with_its_default() -> None:
         else:
             assert value == expected, name
     text = DEFAULT_CONFIG_FILE.read_text(encoding="utf-8")
-    for name in SETTING_NAMES:
+    for name in (*LAUNCH_NAMES, *SETTING_NAMES):
         # one line of help directly above each key
         before = text.split(f"\n{name}:")[0].rstrip().splitlines()[-1]
         assert before.startswith("# "), name

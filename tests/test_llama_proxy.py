@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine_client import ask, client_for, wait_for_head, wait_for_log
+from engine_client import ask, client_for, doctor_verdicts, wait_for_head, wait_for_log
 from llama_server import EARLY_FILE, LlamaServer, edit_early_file, repo_files, run_llama_server, write_tiny_gguf
 from support import Proxy, Repo
 
@@ -378,3 +379,14 @@ def test_prewarm_prefills_each_commit_before_the_question(
         f"prewarm: {prewarm_prompt - prewarm_cached} tokens prefilled in {match.group(1)} s after the commit; "
         f"the question then prefilled {answer.timings['prompt_n']} tokens in {answer.timings['prompt_ms']:.0f} ms"
     )
+
+
+def test_doctor_finds_llama_servers_window_tokenizer_and_cache_reporting(
+    llama: LlamaServer, make_repo: Callable[..., Repo], tmp_path: Path
+) -> None:
+    verdicts = doctor_verdicts(llama.url, make_repo(repo_files("the llama doctor test")).path, tmp_path)
+    assert verdicts["upstream"][0] == "ok"
+    assert verdicts["window"] == ("ok", "32,768 tokens (upstream GET /props n_ctx (one slot))")
+    assert verdicts["tokenizer"] == ("ok", "llama.cpp /tokenize: exact token counts")
+    level, detail = verdicts["cache reporting"]
+    assert level == "ok" and re.search(r"again: \d+ of \d+ prompt tokens cached", detail), detail

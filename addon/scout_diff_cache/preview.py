@@ -1,4 +1,4 @@
-"""``python -m scout_diff_cache preview``: what the proxy would send for a repository, without any server.
+"""``scout-diff-cache preview``: what the proxy would send for a repository, without any server.
 
 Reads the settings the proxy would (environment, config file, and the flags given here), builds
 the snapshot and the working diff exactly as the addon does, fitted to a context window
@@ -27,9 +27,9 @@ from .text import human_bytes
 from .wiring import context_provider, estimate, window_budget
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str) -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(
-        prog="python -m scout_diff_cache preview",
+        prog=prog,
         description="Show what scout-diff-cache would send for a repository, without any server.",
     )
     result.add_argument("--repo", help="git work tree (default: GIT_REPO_PATH, else the current directory)")
@@ -75,8 +75,8 @@ def closing_block(text: str, tag: str) -> str:
     return text[start:] if start >= 0 else ""
 
 
-def run(argv: Sequence[str]) -> int:
-    args = parser().parse_args(argv)
+def run(argv: Sequence[str], prog: str = "scout-diff-cache preview") -> int:
+    args = parser(prog).parse_args(argv)
     options = {
         "git_repo_path": args.repo,
         "max_context_tokens": args.window,

@@ -6,105 +6,31 @@ variable ``<NAME>``, the key ``<name>`` in the config file, the built-in default
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationError
+
+from .setting_checks import SettingChecks
 
 OPTION_PREFIX = "scout_"
 CONFIG_ENV_VAR = "SCOUT_CONFIG"
 CONFIG_OPTION = "scout_config"
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent.parent / "config.yaml"
+USER_CONFIG_RELATIVE = Path("scout-diff-cache") / "config.yaml"  # under $XDG_CONFIG_HOME, else ~/.config
+# Keys of the config file read by the scout-diff-cache command, not the addon (launch.py).
+LAUNCH_NAMES = ("target_api_url", "host", "port")
 
 SettingSource = Literal["option", "environment", "config file", "default"]
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the setting, where it came from and why."""
 
 
-_BOOLEANS = (
-    "inject_context",
-    "redact_secrets",
-    "use_default_excludes",
-    "allow_remote_without_key",
-    "stream_usage",
-    "count_snapshot_tokens",
-    "history_full_files",
-    "prewarm",
-)
-_LISTS = (
-    "exclude_path_patterns",
-    "allowed_origins",
-    "allowed_hosts",
-    "include_first",
-    "secret_allow_paths",
-    "secret_allow_values",
-    "secret_patterns",
-)
-_UNSET_WHEN_EMPTY = ("target_api_key", "proxy_api_key", "upstream_model", "max_context_tokens", "retrieval_tokens")
-
-
-class _Checks(BaseModel):
-    """How raw values become settings (booleans, lists, unset) and which are refused; for ``Settings``."""
-
-    @field_validator(*_BOOLEANS, mode="before", check_fields=False)
-    @classmethod
-    def _parse_bool(cls, value: object) -> object:
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in _TRUE:
-                return True
-            if lowered in _FALSE:
-                return False
-            raise ValueError("expected one of true/false, yes/no, on/off, 1/0")
-        return value
-
-    @field_validator(*_LISTS, mode="before", check_fields=False)
-    @classmethod
-    def _split_patterns(cls, value: object, info: ValidationInfo) -> object:
-        if isinstance(value, str):  # regular expressions hold commas: one per line
-            value = value.split("\n" if info.field_name == "secret_patterns" else ",")
-        if isinstance(value, (list, tuple)):
-            return tuple(str(p).strip() for p in value if str(p).strip())
-        return value
-
-    @field_validator(*_UNSET_WHEN_EMPTY, mode="before", check_fields=False)
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("target_api_key", "proxy_api_key", check_fields=False)
-    @classmethod
-    def _header_safe_key(cls, value: str | None) -> str | None:
-        if value is not None and not _HEADER_SAFE.fullmatch(value):
-            raise ValueError("must be printable ASCII without spaces (it becomes an HTTP header)")
-        return value
-
-    @field_validator("model_id", check_fields=False)
-    @classmethod
-    def _no_whitespace(cls, value: str) -> str:
-        if not _HEADER_SAFE.fullmatch(value):
-            raise ValueError("must be printable ASCII without spaces (it is sent in a response header)")
-        return value
-
-    @field_validator("git_repo_path", check_fields=False)
-    @classmethod
-    def _repo_dir_exists(cls, value: str) -> str:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"{value!r} is not an existing directory")
-        return str(path.resolve())
-
-
-class Settings(_Checks):
+class Settings(SettingChecks):
     """Every setting of the addon. Field descriptions are the one-line help used everywhere."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -150,6 +76,13 @@ class Settings(_Checks):
     )
     upstream_connect_timeout_ms: int = Field(
         3000, ge=0, description="Upstream refuses or does not accept a connection in this many ms: 503 (0: no check)."
+    )
+    stop_grace_ms: int = Field(
+        8000,
+        ge=0,
+        description="On SIGTERM or Ctrl-C the proxy stops accepting connections and lets requests in flight "
+        "(streams included) finish for this many ms; then a request still waiting for its answer gets a 503 "
+        "and a stream still running is cut. It exits with status 0; a second signal stops it at once.",
     )
     proxy_api_key: str | None = Field(
         None, description="If set, clients must send 'Authorization: Bearer <key>' (401 otherwise)."
@@ -262,6 +195,17 @@ class Settings(_Checks):
         description="When HEAD gets a new base (per-commit: every commit), send one max_tokens=1 request "
         "so the upstream caches it before the next question.",
     )
+    prefix_key_headers: tuple[str, ...] = Field(
+        (),
+        description="Request headers that also carry x-scout-prefix-key, for a router that hashes on a header of "
+        "its own (SGLang's gateway: X-SMG-Routing-Key; production-stack's router: the --session-key header); "
+        "comma-separated in the environment.",
+    )
+    prefix_key_cache_salt: bool = Field(
+        False,
+        description="Also send x-scout-prefix-key as vLLM's cache_salt: a request then reuses cached blocks only "
+        "of requests with the same repository content, base and settings (isolation between tenants).",
+    )
     keep_full_bodies: int = Field(
         10,
         ge=0,
@@ -302,13 +246,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
+def user_config_path(environ: Mapping[str, str]) -> Path:
+    """``$XDG_CONFIG_HOME/scout-diff-cache/config.yaml``, else ``~/.config/scout-diff-cache/config.yaml``."""
+    config_home = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".config")
+    return Path(config_home) / USER_CONFIG_RELATIVE
+
+
 def resolve_config_path(option_value: str | None, environ: Mapping[str, str]) -> Path | None:
-    """The config file to read: the option, else $SCOUT_CONFIG, else the project's config.yaml if present."""
+    """The config file to read: the option (``--config``), else $SCOUT_CONFIG, else the user's config
+    file if present, else the project's config.yaml if present (a checkout), else none."""
     if option_value:
         return Path(option_value).expanduser()
     if environ.get(CONFIG_ENV_VAR):
         return Path(environ[CONFIG_ENV_VAR]).expanduser()
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    for candidate in (user_config_path(environ), DEFAULT_CONFIG_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _option_is_set(value: object) -> bool:
@@ -333,13 +287,14 @@ def load_settings(
     sources: dict[str, SettingSource] = {name: "default" for name in SETTING_NAMES}
     if config_path is not None:
         file_values = read_config_file(config_path)
-        unknown = sorted(set(file_values) - set(SETTING_NAMES))
+        unknown = sorted(set(file_values) - set(SETTING_NAMES) - set(LAUNCH_NAMES))
         if unknown:
             raise ConfigError(
-                f"config file {config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}"
+                f"config file {config_path}: unknown setting(s) {', '.join(unknown)}; known: "
+                f"{', '.join((*LAUNCH_NAMES, *SETTING_NAMES))}"
             )
         for name, value in file_values.items():
-            if value is not None:
+            if value is not None and name not in LAUNCH_NAMES:
                 merged[name] = value
                 sources[name] = "config file"
     for name in SETTING_NAMES:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..git.errors import GitError
 from ..git.repo import MODE_SYMLINK, GitRepo, read_all
-from ..text import display, is_binary, path_text, short_commit
+from ..text import display, human_bytes, is_binary, path_text, short_commit
 from .fit import BLOCK_SLACK_TOKENS, TEMPLATE_TOKENS, FitReport
 from .framing import system_message_json
 from .outline import language_of
@@ -134,10 +134,10 @@ class Retriever:
             self._index = index
             self._ready = IndexState("ready", len(index), index.indexed_bytes, seconds, commit)
             logger.info(
-                "search index of the %d left-out files (%.1f MB) built in %.2f s: questions about them get "
+                "search index of the %d left-out files (%s) built in %.2f s: questions about them get "
                 "them in full",
                 len(index),
-                index.indexed_bytes / 1e6,
+                human_bytes(index.indexed_bytes),
                 seconds,
             )
 

@@ -275,8 +275,10 @@ def scan_ahead[T, R](redact: Callable[[T, bytes], R], items: Iterable[tuple[T, b
 
 
 def _one_group(pattern: str) -> str:
+    quiet = re2.Options()
+    quiet.log_errors = False  # the error is raised, with its reason; RE2 would also print it to stderr
     try:
-        groups = re2.compile(pattern.encode()).groups
+        groups = re2.compile(pattern.encode(), quiet).groups
     except re2.error as e:
         raise SecretPatternError(f"{pattern!r} is not a valid RE2 pattern: {e}") from None
     if groups > 1:

@@ -21,6 +21,7 @@ from .listen import ListenGuard
 from .options import ScoutOptions
 from .prewarm import Prewarm
 from .retention import BodyRetention
+from .shutdown import GracefulStop
 from .state import ScoutState
 from .verdicts import CacheVerdicts
 from .warmstart import WarmStart
@@ -34,6 +35,7 @@ def make_addons(state: ScoutState | None = None) -> list[object]:
         ScoutOptions(state),  # settings: scout_* options, the repository context
         ListenGuard(state),  # loopback by default, lazy connections, tcp_timeout
         ErrorEnvelopes(state),  # mitmproxy's own error answers as OpenAI envelopes
+        GracefulStop(state),  # running: SIGTERM/SIGINT drain the requests in flight; requestheaders: 503 then
         ChatView(state),  # mitmweb's "Scout chat" content view
         HeaderHygiene(state),  # requestheaders: control characters, folded lines, bad names (400)
         BrowserGuard(state),  # requestheaders: Host and Origin (DNS rebinding, web pages); CORS headers

@@ -95,6 +95,33 @@ async def restart_listeners() -> None:
     await servers.update([ProxyMode.parse(spec) for spec in ctx.options.mode])
 
 
+async def stop_listeners() -> None:
+    """Stop accepting connections; the open ones go on (mitmproxy closes each server without waiting)."""
+    await _proxyserver().servers.update([])
+
+
+def close_client_connections() -> int:
+    """Close every client connection (idle kept-alive ones, at shutdown); how many were open.
+
+    Their handlers then end by themselves: cancelled at exit instead, Python 3.12.1's stream
+    callback prints each one's CancelledError with a traceback.
+    """
+    handlers = [
+        handler
+        for handler in getattr(_proxyserver(), "connections", {}).values()
+        if handler.client in handler.transports
+    ]
+    for handler in handlers:
+        handler.close_connection(handler.client)
+    return len(handlers)
+
+
+def open_client_connections() -> int:
+    return sum(
+        1 for handler in getattr(_proxyserver(), "connections", {}).values() if handler.client in handler.transports
+    )
+
+
 def _connection_handler(flow: http.HTTPFlow) -> Any:
     connections = getattr(_proxyserver(), "connections", {})
     return connections.get(flow.client_conn.id)

@@ -115,6 +115,14 @@ class ListenGuard:
         Synchronous (mitmproxy calls ``running`` that way when it reloads a script); the new bind is
         a task, which mitmproxy's eager task factory runs at once.
         """
+        if not any(spec.startswith("reverse:") for spec in ctx.options.mode):
+            # An error logged before start-up ends makes mitmdump exit (status 1) with this line last but one.
+            logger.error(
+                "scout-diff-cache runs in front of a model server, in reverse mode, and mitmproxy was started "
+                "without one (mode %s): run `scout-diff-cache` (TARGET_API_URL, default http://127.0.0.1:8000), "
+                "or mitmdump with --mode reverse:http://HOST:PORT",
+                ",".join(ctx.options.mode),
+            )
         if remote_allowed(self.state.settings):
             return
         exposed = sorted({host for host, _ in listen_addresses() if not is_loopback(host)})

@@ -38,6 +38,7 @@ from ..settings import (
     SETTING_NAMES,
     ConfigError,
     Settings,
+    SettingSource,
     load_settings,
     option_name,
     resolve_config_path,
@@ -135,12 +136,11 @@ class ScoutOptions:
         self.state.conversations = ConversationStore(settings.max_conversations)  # a new repository: none continue
         self.state.retriever = Retriever(provider.repo, provider.snapshot_limits)
         logger.info(
-            "scout-diff-cache %s: repo %s, inject_context=%s, config file %s, settings from %s",
+            "scout-diff-cache %s: repository %s, config file %s; %s",
             __version__,
             provider.repo.toplevel,
-            settings.inject_context,
             config_path or "none",
-            ", ".join(f"{k}={v}" for k, v in sorted(sources.items()) if v != "default") or "defaults",
+            changed_settings(settings, sources),
         )
 
     def done(self) -> None:
@@ -148,6 +148,19 @@ class ScoutOptions:
             self.state.provider.monitor.stop()
         if self.state.retriever is not None:
             self.state.retriever.close()
+
+
+def changed_settings(settings: Settings, sources: dict[str, SettingSource]) -> str:
+    """The settings that differ from the built-in defaults, with where each came from (keys never shown)."""
+    built_in = Settings.model_validate({"git_repo_path": settings.git_repo_path})
+    changed = []
+    for name in SETTING_NAMES:
+        value = getattr(settings, name)
+        if value == getattr(built_in, name):
+            continue
+        shown = "(set)" if name in SECRET_SETTINGS else ",".join(value) if isinstance(value, tuple) else value
+        changed.append(f"{name}={shown} ({sources[name]})")
+    return "changed from the defaults: " + ", ".join(changed) if changed else "every other setting at its default"
 
 
 def option_changed(name: str) -> bool:
