@@ -7,7 +7,7 @@ identical byte prefix of the previous commit's:
 
 - per-commit:    build_snapshot(repo, commit) with PREAMBLE (files in path order, commit id at the end);
 - commit-first:  the same snapshot with a header line ``commit: <id>`` before everything (a naive design);
-- append:        History + the base snapshot with APPEND_PREAMBLE + with_history, as context.py does
+- append:        History + the base snapshot with append_preamble(base) + with_history, as context.py does
                  (patch blocks); append+full: the same with history_full_files (full new texts).
 
 Shares are of the JSON-encoded system message 1 (the snapshot), and of messages 1+2 (2: the working
@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from scout_diff_cache.context.framing import system_message_json
 from scout_diff_cache.context.history import History, HistoryLimits
 from scout_diff_cache.context.snapshot import (
-    APPEND_PREAMBLE,
     Snapshot,
     SnapshotLimits,
+    append_preamble,
     build_snapshot,
     common_prefix_length,
     with_history,
@@ -355,7 +355,7 @@ def measure(repo: GitRepo, commits: list[str], settings: list[tuple[int, int]]) 
             assert row.history is not None
             tail = row.history.tail_for(commit)
             if tail.base not in bases:
-                bases[tail.base] = build_snapshot(repo, tail.base, limits, APPEND_PREAMBLE)
+                bases[tail.base] = build_snapshot(repo, tail.base, limits, append_preamble(tail.base))
             base = bases[tail.base]
             in_use.add(tail.base)
             message = base

@@ -289,7 +289,7 @@ async def test_verdicts_label_the_answer_and_count_the_outcome(scout: tuple[Scou
     assert flow.response.headers["x-scout-cache-expected"] == "miss; first request to this upstream"
     assert flow.response.headers["x-scout-cache"].startswith("hit; cached_tokens=380; prompt_tokens=400")
     assert flow.metadata[METADATA_KEY]["cache"]["verdict"] == "hit"
-    assert flow.comment.endswith("cached 95.0% (hit)")
+    assert flow.comment.startswith("hit 95.0% · snap ")  # the verdict first: mitmweb's flow list shows the start
     assert metric(addon, 'scout_chat_requests_total{outcome="hit"}') == 1
     assert addon.state.chats == {}
 
@@ -373,7 +373,7 @@ async def test_prewarm_sends_one_prefill_per_new_base(addon: ScoutAddons, make_r
         body = sent.json()
         assert body["max_tokens"] == 1 and body["model"] == "llama-4-scout"
         assert [m["role"] for m in body["messages"]] == ["system", "system", "user"]
-        assert body["messages"][0]["content"].startswith("This is a snapshot of a git repository")
+        assert body["messages"][0]["content"].startswith(f"Base commit: {repo.head()}\nThis is a snapshot of a git")
         assert metric(addon, 'scout_prewarm_requests_total{result="ok"}') == 1
         tctx.configure(addon, scout_prewarm="false")
         repo.write({"b.py": "y = 2\n"})

@@ -391,6 +391,33 @@ def test_pass_through_requests_are_counted(upstream: Upstream, proxy_for: ProxyF
 
 
 @pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)
+def test_flows_the_proxy_answered_itself_say_so_and_chat_flows_start_with_the_verdict(
+    engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo, tmp_path: Path
+) -> None:
+    """mitmweb shows every reverse-proxied flow with the upstream's URL: the comment tells them apart."""
+    flows_file = tmp_path / "flows.mitm"
+    proxy = proxy_for(engine_upstream, "-w", str(flows_file))
+    ask(proxy)
+    assert proxy.get("/health").status == 200
+    assert proxy.get("/v1/models").status == 200
+    assert proxy.post(CHAT, b"{not json", {"content-type": "application/json"}).status == 400
+    proxy.process.terminate()
+    proxy.wait_exit()
+    with flows_file.open("rb") as f:
+        flows = {
+            (flow.request.path, flow.response.status_code if flow.response else 0): flow
+            for flow in io.FlowReader(f).stream()
+            if isinstance(flow, HTTPFlow)
+        }
+    local = "answered by scout-diff-cache, not sent upstream"
+    assert flows[("/health", 200)].comment == local
+    assert flows[("/v1/models", 200)].comment == local
+    assert local in flows[(CHAT, 400)].comment
+    assert flows[(CHAT, 200)].comment.startswith("miss ") and local not in flows[(CHAT, 200)].comment
+    assert len(engine_upstream.chat_requests()) == 1
+
+
+@pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)
 def test_saved_flows_carry_the_comment_verdict_and_the_streamed_answer(
     engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo, tmp_path: Path
 ) -> None:
@@ -405,10 +432,10 @@ def test_saved_flows_carry_the_comment_verdict_and_the_streamed_answer(
         flows = [flow for flow in io.FlowReader(f).stream() if isinstance(flow, HTTPFlow)]
     chats = [flow for flow in flows if flow.request.path == CHAT]
     assert len(chats) == 2
-    comment_pattern = rf"snap {repo.head()[:7]} · [\d.]+ KB · diff \d+ B · cached [\d.]+% \((miss: first request|hit)\)"
+    comment_pattern = rf"(miss [\d.]+%: first request|hit [\d.]+%) · snap {repo.head()[:7]} · [\d.]+ KB · diff \d+ B"
     assert re.fullmatch(comment_pattern, chats[0].comment)
-    assert chats[0].comment.endswith("(miss: first request)")
-    assert chats[1].comment.endswith("(hit)")
+    assert chats[0].comment.startswith("miss ") and chats[0].comment.partition(" · ")[0].endswith(": first request")
+    assert chats[1].comment.startswith("hit ")
     assert chats[1].metadata[METADATA_KEY]["cache"]["verdict"] == "hit"
     assert chats[1].metadata[METADATA_KEY]["outcome"] == "hit"
     streamed = chats[1].response

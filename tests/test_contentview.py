@@ -20,9 +20,9 @@ from scout_diff_cache.chat.request import assemble_body, parse_chat_request
 from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX, system_message_json
 from scout_diff_cache.context.history import History, HistoryLimits
 from scout_diff_cache.context.snapshot import (
-    APPEND_PREAMBLE,
     PREAMBLE,
     SnapshotLimits,
+    append_preamble,
     build_snapshot,
     with_history,
 )
@@ -306,7 +306,7 @@ def test_a_file_line_that_looks_like_a_block_header_is_flagged(make_repo: MakeRe
 
 def test_flow_comment_is_the_first_line(make_repo: MakeRepo) -> None:
     request = build_request(sample_repo(make_repo), client_body())
-    comment = "snap 1a2b3c4 · 41.7 MB · diff 3 KB · cached 99.8% (hit)"
+    comment = "hit 99.8% · snap 1a2b3c4 · 41.7 MB · diff 3 KB"
     text = shown_request(chat_flow(request.body, request.metadata, comment=comment))
     assert text.splitlines()[0] == comment
     response = sse_response([chunk({"content": "ok"}), "[DONE]"])
@@ -595,7 +595,7 @@ def append_layout_request(repo: Repo) -> tuple[ChatRequest, list[str]]:
     head = git_repo.head_commit()
     assert head is not None
     tail = history.tail_for(head)
-    base = build_snapshot(git_repo, tail.base, snapshot_limits, APPEND_PREAMBLE)
+    base = build_snapshot(git_repo, tail.base, snapshot_limits, append_preamble(tail.base))
     snapshot = with_history(base, head, list(zip(tail.commits, tail.blocks, strict=True)))
     diff = build_working_diff(git_repo, head, diff_limits)
     assembled = assemble_body(

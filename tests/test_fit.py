@@ -20,7 +20,7 @@ from scout_diff_cache.context.fit import WindowBudget
 from scout_diff_cache.context.history import HistoryLimits
 from scout_diff_cache.context.outline import outline_text
 from scout_diff_cache.context.provider import ContextProvider
-from scout_diff_cache.context.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
+from scout_diff_cache.context.snapshot import PREAMBLE, SnapshotLimits, append_preamble, build_snapshot
 from scout_diff_cache.context.tiers import (
     TIER_BUILD,
     TIER_DATA,
@@ -190,8 +190,8 @@ def test_the_plan_is_the_same_in_every_process(
     repo = make_repo(big_repo_files())
     clone = repo.clone(tmp_path_factory.mktemp("elsewhere") / "clone")
     budget = WindowBudget(20_000, ONE_PER_BYTE)
-    first = build_snapshot(GitRepo(str(repo.path)), repo.head(), LIMITS, APPEND_PREAMBLE, budget)
-    second = build_snapshot(GitRepo(str(clone.path)), clone.head(), LIMITS, APPEND_PREAMBLE, budget)
+    first = build_snapshot(GitRepo(str(repo.path)), repo.head(), LIMITS, append_preamble(repo.head()), budget)
+    second = build_snapshot(GitRepo(str(clone.path)), clone.head(), LIMITS, append_preamble(clone.head()), budget)
     assert first.message_json == second.message_json
     assert first.fit is not None and first.fit.cut
 

@@ -28,10 +28,10 @@ from scout_diff_cache.context.framing import MESSAGE_END, MESSAGE_HEAD
 from scout_diff_cache.context.history import History, HistoryLimits, Tail
 from scout_diff_cache.context.provider import ContextProvider
 from scout_diff_cache.context.snapshot import (
-    APPEND_PREAMBLE,
     PREAMBLE,
     Snapshot,
     SnapshotLimits,
+    append_preamble,
     build_snapshot,
     path_at,
     with_history,
@@ -161,7 +161,7 @@ class Rendered:
 def render(history: History, head: str) -> Rendered:
     """Message 1 for ``head``, composed as ContextProvider._with_history does."""
     tail = history.tail_for(head)
-    base = build_snapshot(history.repo, tail.base, history.snapshot_limits, APPEND_PREAMBLE)
+    base = build_snapshot(history.repo, tail.base, history.snapshot_limits, append_preamble(tail.base))
     pairs = list(zip(tail.commits, tail.blocks, strict=True))
     snapshot = with_history(base, head, pairs) if pairs else base
     return Rendered(head, tail, base, snapshot)
@@ -287,7 +287,7 @@ def check(
     assert list(tail.commits) == chain[position + 1 :]
     assert (snapshot.commit, snapshot.base_commit, snapshot.tail_commits) == (head, tail.base, len(tail.commits))
     assert json.loads(snapshot.message_json) == {"role": "system", "content": snapshot.text}
-    assert snapshot.text.startswith(APPEND_PREAMBLE)
+    assert snapshot.text.startswith(append_preamble(tail.base))
     assert rendered.base.text.endswith("</snapshot_info>\n")
     assert f"\ncommit: {tail.base}\n" in rendered.base.text
 
@@ -622,7 +622,10 @@ def test_force_push_rebase_and_branch_switch_follow_the_new_chain(
     assert rebased[:7] == rewritten and len(rebased) == 9
     top = render(history, rebased[8])
     assert (top.tail.base, top.tail.commits) == (rebased[8], ())
-    assert top.snapshot.message_json == build_snapshot(history.repo, rebased[8], limits(), APPEND_PREAMBLE).message_json
+    assert (
+        top.snapshot.message_json
+        == build_snapshot(history.repo, rebased[8], limits(), append_preamble(rebased[8])).message_json
+    )
     below = render(history, rebased[7])
     assert (below.tail.base, below.tail.commits) == (rewritten[4], (rewritten[5], rewritten[6], rebased[7]))
     check(repo.path, below, tmp_path)
@@ -860,7 +863,10 @@ def test_the_base_moves_once_every_e_commits(eleven: tuple[Repo, list[str]]) -> 
     history = History(git_repo, limits(), HistoryLimits(1, NEVER_HALVE, False))
     rendered = render(history, chain[7])
     assert (rendered.tail.base, rendered.tail.commits, rendered.snapshot.tail_commits) == (chain[7], (), 0)
-    assert rendered.snapshot.message_json == build_snapshot(git_repo, chain[7], limits(), APPEND_PREAMBLE).message_json
+    assert (
+        rendered.snapshot.message_json
+        == build_snapshot(git_repo, chain[7], limits(), append_preamble(chain[7])).message_json
+    )
 
 
 def tree_bytes(path: Path, commit: str) -> int:
@@ -1006,7 +1012,7 @@ async def test_the_provider_builds_each_base_once_and_appends_commits(
         preamble: str = PREAMBLE,
         budget: WindowBudget | None = None,
     ) -> Snapshot:
-        builds.append((commit, preamble == APPEND_PREAMBLE))
+        builds.append((commit, preamble == append_preamble(commit)))
         return real_build(git_repo, commit, lim, preamble, budget)
 
     monkeypatch.setattr(context_module, "build_snapshot", counting_build)
@@ -1016,7 +1022,7 @@ async def test_the_provider_builds_each_base_once_and_appends_commits(
     assert len({id(c.snapshot) for c in contexts}) == 1
     first = contexts[0].snapshot
     assert (first.commit, first.base_commit, first.tail_commits) == (heads[0], heads[0], 0)
-    assert first.text.startswith(APPEND_PREAMBLE)
+    assert first.text.startswith(append_preamble(heads[0]))
 
     snapshots = [first]
     for i in range(1, 7):

@@ -34,7 +34,7 @@ from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent, FileSystemE
 from watchdog.observers import Observer
 
 from scout_diff_cache.context.provider import ContextProvider
-from scout_diff_cache.context.snapshot import APPEND_PREAMBLE, PREAMBLE, SnapshotLimits, build_snapshot
+from scout_diff_cache.context.snapshot import APPEND_PREAMBLE, BASE_LINE_START, PREAMBLE, SnapshotLimits, build_snapshot
 from scout_diff_cache.context.workdiff import DiffLimits, build_working_diff
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
@@ -81,9 +81,13 @@ def diff_commit(diff: str) -> str:
 
 def snapshot_files(snapshot: str) -> Files:
     """The files of a snapshot, as they would be on disk (the generated repos end every file with a newline)."""
-    preamble = PREAMBLE if snapshot.startswith(PREAMBLE) else APPEND_PREAMBLE
-    assert snapshot.startswith(preamble)
-    body = snapshot.removeprefix(preamble).partition("<snapshot_info>\n")[0]
+    if snapshot.startswith(PREAMBLE):
+        body = snapshot.removeprefix(PREAMBLE)
+    else:  # the append layout: its first line names the base
+        first_line, _, rest = snapshot.partition("\n")
+        assert first_line.startswith(BASE_LINE_START) and rest.startswith(APPEND_PREAMBLE)
+        body = rest.removeprefix(APPEND_PREAMBLE)
+    body = body.partition("<snapshot_info>\n")[0]
     return {json.loads(path): content.encode("utf-8") for path, content in _FILE_BLOCK.findall(body)}
 
 

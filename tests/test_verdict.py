@@ -40,6 +40,7 @@ from scout_diff_cache.observe.verdict import (
     CacheVerdict,
     SendHistory,
     SnapshotTokens,
+    cache_grain,
     classify,
     estimate_snapshot_tokens,
     tools_key,
@@ -226,6 +227,22 @@ def test_without_an_expected_count_the_miss_threshold_is_the_same() -> None:
     assert with_count.verdict == "partial"
     without = classify(usage(20_000, MISS_BELOW_TOKENS), None, history(), SNAPSHOT)
     assert without.verdict == "hit"
+
+
+def test_vllm_caching_in_larger_blocks_on_a_hybrid_model_is_still_a_hit() -> None:
+    """Measured on vLLM's tiny llama4: a 10704-token snapshot, 10624 cached (83 blocks of 128), 896 written."""
+    counted = SnapshotTokens(10_704, True)
+    vllm = UpstreamUsage(11_633, 10_624, written_tokens=896)
+    assert cache_grain(vllm) == 128
+    assert classify(vllm, counted, history(), SNAPSHOT).verdict == "hit"
+    # Without vLLM's written count the step is unknown: 80 tokens short of an exact count is partial.
+    assert classify(UpstreamUsage(11_633, 10_624), counted, history(), SNAPSHOT).verdict == "partial"
+    # One block short of the whole snapshot, more than the step: partial.
+    short = UpstreamUsage(11_633, 10_496, written_tokens=1_152)  # 82 and 9 blocks: gcd 128, not 1152
+    assert cache_grain(short) == 128
+    assert classify(short, counted, history(), SNAPSHOT).verdict == "partial"
+    assert cache_grain(UpstreamUsage(11_633, 10_368, written_tokens=1_152)) == 128  # gcd 1152 = 9 x 128
+    assert cache_grain(UpstreamUsage(100, 0, written_tokens=64)) == 0
 
 
 # --- classify: causes -----------------------------------------------------------------------------

@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from engine_client import Answer, ask, converse, next_turn, wait_for_diff, wait_for_head, wait_for_log
+from engine_client import (
+    Answer,
+    ask,
+    converse,
+    doctor_verdicts,
+    next_turn,
+    wait_for_diff,
+    wait_for_head,
+    wait_for_log,
+)
 from llama_server import EARLY_FILE, edit_early_file, repo_files
 from support import SETTING_ENV_NAMES, Proxy, Repo
 from vllm_server import CACHE_GRAIN_TOKENS, MAX_MODEL_LEN, SERVED_MODEL, VllmServer, run_vllm_server, write_tiny_llama4
@@ -240,3 +249,14 @@ def test_a_continued_conversation_reuses_the_previous_prompt_on_vllm(
     new = second.prompt_tokens - first.prompt_tokens + ASSISTANT_HEADER_TOKENS  # the answer, changes, question
     assert second.written_tokens is not None and second.written_tokens <= new + 2 * CACHE_GRAIN_TOKENS
     assert second.headers["x-scout-cache-expected"].startswith("hit; conversation continued: 1 change injected")
+
+
+def test_doctor_finds_vllms_window_tokenizer_and_cache_reporting(
+    vllm: VllmServer, make_repo: Callable[..., Repo], tmp_path: Path
+) -> None:
+    verdicts = doctor_verdicts(vllm.url, make_repo(repo_files("the vLLM doctor test")).path, tmp_path)
+    assert verdicts["upstream"] == ("ok", f"{vllm.url} answers; serves {SERVED_MODEL}")
+    assert verdicts["window"] == ("ok", f"{MAX_MODEL_LEN:,} tokens (upstream GET /v1/models max_model_len)")
+    assert verdicts["tokenizer"] == ("ok", "vllm /tokenize: exact token counts")
+    level, detail = verdicts["cache reporting"]  # --enable-prompt-tokens-details
+    assert level == "ok" and re.search(r"again: \d+ of \d+ prompt tokens cached", detail), detail

@@ -20,7 +20,7 @@ from ..git.watcher import ChangeMonitor, Generation
 from ..text import human_bytes, short_commit
 from .fit import WindowBudget
 from .history import History, HistoryLimits, tail_share
-from .snapshot import APPEND_PREAMBLE, PREAMBLE, Snapshot, SnapshotLimits, build_snapshot, with_history
+from .snapshot import PREAMBLE, Snapshot, SnapshotLimits, append_preamble, build_snapshot, with_history
 from .workdiff import DiffLimits, WorkingDiff, build_working_diff
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class ContextProvider:
     async def _build_base(self, commit: str, budget: WindowBudget | None, key: _Key) -> Snapshot:
         try:
             base = await asyncio.to_thread(
-                build_snapshot, self.repo, commit, self.snapshot_limits, APPEND_PREAMBLE, budget
+                build_snapshot, self.repo, commit, self.snapshot_limits, append_preamble(commit), budget
             )
         finally:
             del self._base_builds[key]

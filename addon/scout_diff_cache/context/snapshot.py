@@ -12,6 +12,7 @@ Total-size rule: blocks are taken in path order; the first block that would take
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ PREAMBLE = (
 )
 
 # The append-only layout (history.py): the same snapshot, of a base commit, then the history after it.
+# Message 1 starts with append_preamble(base): a line naming the base, then this text.
 APPEND_PREAMBLE = (
     "This is a snapshot of a git repository at a base commit: the content of every text file tracked "
     "at that commit, less excluded paths and files over the size limits. Each file appears as\n"
@@ -48,6 +50,30 @@ APPEND_PREAMBLE = (
     "the repository at its current commit; later blocks win. The next system message names the "
     "current commit and gives the uncommitted changes against it.\n\n"
 )
+
+
+BASE_LINE_START = "Base commit: "
+
+
+def append_preamble(base: str | None) -> str:
+    """The append layout's preamble, its first line naming the base commit.
+
+    A prefix cache keeps the whole base either way (it changes only when the base moves), but
+    routers that hash only the start of a prompt to guess where it is cached (llm-d's approximate
+    prefix scorer reads about the first 16 KB) must see two repositories, or two bases of one,
+    differ from the first bytes on.
+    """
+    return f"{BASE_LINE_START}{base or 'none (no commits yet)'}\n" + APPEND_PREAMBLE
+
+
+def prefix_key_of(message_json: bytes) -> str:
+    """x-scout-prefix-key: 16 hex digits of SHA-256 over the base's bytes (about 30 ms for 40 MB).
+
+    Equal exactly when two requests start with the same base bytes: the same repository content,
+    base and settings, on any replica; what a router hashes to send them to the replica that has
+    that prefix cached.
+    """
+    return hashlib.sha256(message_json).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -120,6 +146,7 @@ class Snapshot:
     outline_count: int = 0  # files given as outlines to fit the window
     tail_tokens: int = 0  # append-only layout: the history blocks' tokens, as the budget counted them
     redacted: int = 0  # secrets replaced in it (listed at the end of the base and of each commit block)
+    prefix_key: str = ""  # prefix_key_of the base's message (the history appended after it does not change it)
 
     @property
     def planned_tokens(self) -> int | None:
@@ -236,6 +263,7 @@ def render_snapshot(
         (footer, None),
     ]
     encoded, regions = encode_regions(pieces, len(MESSAGE_HEAD))
+    message_json = b"".join([MESSAGE_HEAD, *encoded, MESSAGE_END])
     skipped = sum(
         len(x)
         for x in (
@@ -248,7 +276,7 @@ def render_snapshot(
     ) + (len(content.fit.omitted) if content.fit else 0)
     return Snapshot(
         commit=commit,
-        message_json=b"".join([MESSAGE_HEAD, *encoded, MESSAGE_END]),
+        message_json=message_json,
         file_count=content.file_count,
         symlink_count=content.symlink_count,
         skipped_count=skipped,
@@ -257,6 +285,7 @@ def render_snapshot(
         fit=content.fit,
         outline_count=content.outline_count,
         redacted=len(content.redactions_shown()),
+        prefix_key=prefix_key_of(message_json),
     )
 
 
@@ -306,6 +335,7 @@ def with_history(
         outline_count=base.outline_count,
         tail_tokens=tail_tokens,
         redacted=base.redacted + tail_redacted,
+        prefix_key=base.prefix_key,
     )
 
 

@@ -22,6 +22,9 @@ from .internals import install_interim_skipping, uninstall_interim_skipping, ups
 from .state import METADATA_KEY, ScoutState
 
 MASKED_AUTHORIZATION = "Bearer [TARGET_API_KEY]"
+FORWARDED_KEY = "scout_diff_cache.forwarded"
+# mitmweb shows a reverse proxy's flows with the upstream's URL; this comment says which never went there.
+LOCAL_ANSWER = "answered by scout-diff-cache, not sent upstream"
 
 
 class UpstreamForwarding:
@@ -54,6 +57,7 @@ class UpstreamForwarding:
         record = self.state.chats.get(flow.id)
         if record is not None:
             record.authorization = flow.request.headers.get("authorization")
+        flow.metadata[FORWARDED_KEY] = True
         self.deadlines.start(flow, settings.upstream_timeout_ms)
 
     def _bare_chat(self, flow: http.HTTPFlow) -> bool:
@@ -71,6 +75,8 @@ class UpstreamForwarding:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.deadlines.response_sent(flow)
+        if not flow.metadata.get(FORWARDED_KEY) and not flow.comment.startswith(LOCAL_ANSWER):
+            flow.comment = f"{LOCAL_ANSWER} · {flow.comment}" if flow.comment else LOCAL_ANSWER
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.deadlines.stop(flow)

@@ -34,7 +34,7 @@ from .conversations import Turn, continued, fresh, message_hashes
 from .fitting import fit_chat, fitted_context
 from .hooks import error_response, request_hook
 from .retrieve import RetrievalNote, with_retrieval
-from .state import METADATA_KEY, ChatRecord, ScoutState
+from .state import METADATA_KEY, PREFIX_KEY_HEADER, ChatRecord, ScoutState
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,9 @@ class ContextInjection:
         )
         fit = turn.fit
         context = RepoContext(turn.snapshot, fit.diff)
+        prefix_key = turn.snapshot.prefix_key
+        if settings.prefix_key_cache_salt:  # the proxy's salt wins: a client's own would split the cache
+            chat = ChatRequest({**chat.fields, "cache_salt": prefix_key}, chat.messages)
         assembled = assemble_body(
             chat,
             [turn.snapshot.message_json],
@@ -172,6 +175,8 @@ class ContextInjection:
         # The answer is read for its usage: an uncompressed one, which on a local link costs nothing.
         flow.request.headers.pop("accept-encoding", None)
         flow.request.headers["content-type"] = "application/json"
+        for name in (PREFIX_KEY_HEADER, *settings.prefix_key_headers):
+            flow.request.headers[name] = prefix_key  # what cluster routers hash to pick the replica
         flow.request.content = body
         self.state.spliced_bytes += len(body)
         self.state.snapshot_index.remember(context.snapshot)

@@ -25,6 +25,8 @@ from ..view.snapshot import SnapshotIndex
 
 # flow.metadata[METADATA_KEY]: commit, sizes, the context messages' byte spans in the body, the verdict.
 METADATA_KEY = "scout_diff_cache"
+# On each rewritten request and its answer: 16 hex digits naming message 1's base bytes (Snapshot.prefix_key).
+PREFIX_KEY_HEADER = "x-scout-prefix-key"
 
 
 @dataclass

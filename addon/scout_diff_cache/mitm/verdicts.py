@@ -18,7 +18,7 @@ from ..observe.tokencount import CountRequest
 from ..observe.verdict import CacheVerdict, SnapshotTokens, classify, estimate_snapshot_tokens
 from ..text import human_bytes, short_commit
 from .deadline import TIMED_OUT_KEY
-from .state import METADATA_KEY, ChatRecord, ScoutState
+from .state import METADATA_KEY, PREFIX_KEY_HEADER, ChatRecord, ScoutState
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +134,9 @@ class CacheVerdicts:
         status = flow.response.status_code if flow.response is not None else "-"
         if record.tap is not None and record.tap.recording_truncated:
             result += f" · stream copy for mitmweb cut at {human_bytes(RECORDED_STREAM_LIMIT)}"
-        if verdict is not None or status != "-":
-            flow.comment = f"{flow.comment} · {result}" if flow.comment else result
+        if verdict is not None or status != "-":  # first: mitmweb's flow list shows the comment's start
+            headline = verdict.headline() if verdict is not None else f"{status} {result}"
+            flow.comment = f"{headline} · {flow.comment}" if flow.comment else headline
         fit = record.snapshot.fit
         logger.info(
             "chat %s in %.2f s · snap %s · %s%s · diff %s%s%s%s%s · %s%s",
@@ -178,6 +179,7 @@ def token_figures(verdict: CacheVerdict | None, usage: UpstreamUsage | None) -> 
 def add_context_headers(headers: http.Headers, record: ChatRecord) -> None:
     headers["x-scout-snapshot-commit"] = record.snapshot.commit or "unborn"
     headers["x-scout-base-commit"] = record.snapshot.base_commit or "unborn"
+    headers[PREFIX_KEY_HEADER] = record.snapshot.prefix_key
     headers["x-scout-snapshot-bytes"] = str(record.snapshot.size)
     headers["x-scout-diff-bytes"] = str(record.diff_bytes)
     expected = record.history.expectation()

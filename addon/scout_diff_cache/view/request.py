@@ -16,7 +16,7 @@ from typing import Any
 from ..context.changes import TEXT_START as CHANGES_TEXT_START
 from ..context.framing import MESSAGE_END, MESSAGE_HEAD, TRIMMED_SNAPSHOT_PREFIX, message_content_span
 from ..context.retrieval import TEXT_START as RETRIEVAL_TEXT_START
-from ..context.snapshot import PREAMBLE
+from ..context.snapshot import BASE_LINE_START, PREAMBLE
 from .format import clip, inline
 from .messages import message_section
 from .snapshot import BlockIndex, EncodedText, snapshot_section
@@ -27,7 +27,8 @@ SMALL_MESSAGE_BYTES = 1 << 20
 _SNAPSHOT_STAND_IN = "\0scout-diff-cache snapshot span"
 _DIFF_STAND_IN = "\0scout-diff-cache diff span"
 _FILE_BLOCK_PATH = re.compile(r'^<file path=("(?:[^"\\\n]|\\.)*")>$', re.MULTILINE)
-_SNAPSHOT_TEXT_START = PREAMBLE.partition(":")[0]  # "This is a snapshot of a git repository"
+# Message 1 starts "This is a snapshot of a git repository" (per-commit layout) or "Base commit: " (append).
+_SNAPSHOT_TEXT_STARTS = (PREAMBLE.partition(":")[0], BASE_LINE_START)
 _TOOLS_NOTE = (
     "note: with tools, Llama 4's chat template writes 'Environment: ipython' (and possibly the tools) "
     "before the first system message's text, so the snapshot no longer starts the prompt: the prefix "
@@ -170,7 +171,7 @@ def layout_from_full_parse(body: bytes, rewritten: bool) -> ChatLayout:
     if not isinstance(messages, list):
         return ChatLayout(data, [], note=f"{note}; no 'messages' array (messages: {clip(inline(messages))})")
     snapshot_text = _system_text(messages[0]) if messages else None
-    if snapshot_text is None or not snapshot_text.startswith((_SNAPSHOT_TEXT_START, TRIMMED_SNAPSHOT_PREFIX)):
+    if snapshot_text is None or not snapshot_text.startswith((*_SNAPSHOT_TEXT_STARTS, TRIMMED_SNAPSHOT_PREFIX)):
         if not rewritten:
             note = "not rewritten by scout-diff-cache: no context added"
         return ChatLayout(data, messages, note=note)

@@ -31,7 +31,9 @@ _ENCODED_BLOCK_LINE = re.compile(rb"\\n(<(?:file|symlink) path=(?:[^\\]|\\[^n])*
 _ENCODED_PLAIN_FILE_LINE = re.compile(rb'<file path=\\"([^\\]*)\\">')
 _ENCODED_SYMLINK_START = encoded_content("<symlink path=")
 _ENCODED_FOOTER_START = b"\\n<snapshot_info>\\n"
-_ENCODED_PREAMBLES = (encoded_content(PREAMBLE), encoded_content(APPEND_PREAMBLE))
+_ENCODED_PREAMBLE = encoded_content(PREAMBLE)
+_ENCODED_APPEND_PREAMBLE = encoded_content(APPEND_PREAMBLE)
+_BASE_LINE_BYTES = 128  # append_preamble's first line: "Base commit: <id>\n"
 _ENCODED_TRIMMED_PREFIX = encoded_content(TRIMMED_SNAPSHOT_PREFIX)
 _ENCODED_HISTORY_START = b'</snapshot_info>\\n<commit id=\\"'
 _FOOTER_END = "</snapshot_info>\n"
@@ -127,8 +129,15 @@ def summarise_snapshot(text: EncodedText, index: BlockIndex | None = None) -> Sn
     summary = SnapshotSummary()
     buffer = text.buffer
     # From the preamble's last newline: its example block is not a block, the first real one follows.
-    preamble = next((p for p in _ENCODED_PREAMBLES if text.startswith(p)), None)
-    scan_from = text.start + len(preamble) - 2 if preamble is not None else text.start
+    scan_from = text.start
+    if text.startswith(_ENCODED_PREAMBLE):
+        scan_from = text.start + len(_ENCODED_PREAMBLE) - 2
+    else:
+        at = buffer.find(
+            _ENCODED_APPEND_PREAMBLE, text.start, text.start + _BASE_LINE_BYTES + len(_ENCODED_APPEND_PREAMBLE)
+        )
+        if at >= 0:
+            scan_from = at + len(_ENCODED_APPEND_PREAMBLE) - 2
     footer_at = buffer.rfind(_ENCODED_FOOTER_START, scan_from, text.end)
     if footer_at >= 0 and not _escaped(buffer, footer_at):
         _read_footer(buffer[footer_at + 2 : text.end], summary)
