@@ -134,8 +134,7 @@ class Retriever:
             self._index = index
             self._ready = IndexState("ready", len(index), index.indexed_bytes, seconds, commit)
             logger.info(
-                "search index of the %d left-out files (%s) built in %.2f s: questions about them get "
-                "them in full",
+                "search index of the %d left-out files (%s) built in %.2f s: questions about them get them in full",
                 len(index),
                 human_bytes(index.indexed_bytes),
                 seconds,

@@ -164,6 +164,20 @@ def answer_waiting_flow(flow: http.HTTPFlow, response: http.Response) -> bool:
     return True
 
 
+def end_streamed_response(flow: http.HTTPFlow, last_data: bytes) -> bool:
+    """Send ``last_data`` as the end of a response being streamed to the client, then end it (a clean
+    end of the chunked body). False if the flow streams no response over an open upstream connection.
+
+    The upstream's own later bytes belong to a response already ended: close its connection next.
+    """
+    if flow.response is None or not flow.response.stream or flow.error is not None or not upstream_connected(flow):
+        return False
+    proxyserver = _proxyserver()
+    for event in (_InjectedResponseData(flow, last_data), _InjectedResponseEnd(flow)):
+        proxyserver.inject_event(event)
+    return True
+
+
 def close_server_connection(flow: http.HTTPFlow) -> bool:
     """Close the flow's upstream connection. False if there is none open."""
     handler = _connection_handler(flow)

@@ -12,6 +12,7 @@ signal shuts down at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from .internals import (
     answer_waiting_flow,
     close_client_connections,
     close_server_connection,
+    end_streamed_response,
     open_client_connections,
     stop_listeners,
 )
@@ -38,6 +40,8 @@ from .state import ScoutState
 logger = logging.getLogger(__name__)
 
 STOPPING = ApiError(503, "the proxy is stopping; retry in a moment", "server_error", "proxy_stopping")
+# The event that ends a stream cut by the stop: an error, as OpenAI's API sends one in a stream.
+STREAM_STOPPING_EVENT = b"\n\ndata: " + json.dumps(STOPPING.envelope()).encode() + b"\n\n"
 POLL_SECONDS = 0.05
 DELIVERY_SECONDS = 2.0
 EXIT_SECONDS = 2.0
@@ -93,9 +97,11 @@ class GracefulStop:
             end_unfinished(flow)
         if left:
             logger.warning("stopped with %d requests unfinished after STOP_GRACE_MS: answered 503 or cut", len(left))
-            deadline = loop.time() + DELIVERY_SECONDS  # let the 503s reach their clients
+            deadline = loop.time() + DELIVERY_SECONDS  # let the 503s and the error events reach their clients
             while any(flow.live for flow in left) and loop.time() < deadline:
                 await asyncio.sleep(POLL_SECONDS / 10)
+            for flow in left:
+                close_server_connection(flow)  # a cut stream's upstream: it would go on generating
         else:
             logger.info("every request in flight finished; stopping")
         close_client_connections()
@@ -129,12 +135,15 @@ class GracefulStop:
 
 
 def end_unfinished(flow: http.HTTPFlow) -> None:
-    """A 503 to a request waiting for its answer (from the upstream or from its context); else cut its stream."""
+    """A 503 to a request waiting for its answer (from the upstream or from its context); an error event
+    to end a stream (OpenAI's clients raise it as an APIError); else close the upstream connection."""
     if answer_waiting_flow(flow, error_response(STOPPING)):
         return
     if flow.response is None and flow.killable and answer_before_body(flow, error_response(STOPPING)):
         flow.response = error_response(STOPPING)  # what mitmweb shows; the client already has it
         return
+    if end_streamed_response(flow, STREAM_STOPPING_EVENT):
+        return  # the upstream connection is closed once the end has reached the client (drain)
     close_server_connection(flow)
 
 
