@@ -307,6 +307,34 @@ def wait_for_log(command: Command, text: str, timeout: float = 20) -> None:
         time.sleep(0.02)
 
 
+def test_a_stream_still_running_when_the_grace_ends_gets_an_error_event_and_a_clean_end(
+    repo: Repo, upstream: Upstream, tmp_path: Path
+) -> None:
+    gate = threading.Event()
+    upstream.behaviour.stream_gate = gate  # the upstream sends its first event, then waits
+    port = free_port()
+    env = {"TARGET_API_URL": upstream.url, "PORT": str(port), "GIT_REPO_PATH": str(repo.path), "STOP_GRACE_MS": "1000"}
+    try:
+        with run_command(tmp_path / "run", env, wait_port=port) as command:
+            received: list[bytes] = []
+            done = threading.Event()
+            threading.Thread(target=_stream_lines, args=(port, STREAM_CHAT, received, done), daemon=True).start()
+            deadline = time.monotonic() + 20
+            while b"part0" not in b"".join(received) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            command.process.send_signal(signal.SIGTERM)
+            assert done.wait(15)
+            assert command.wait_exit(15) == 0
+            assert "Traceback" not in command.log()
+    finally:
+        gate.set()
+    stream = b"".join(received)
+    assert stream.startswith(b"status 200") and b"part0" in stream and b"part1" not in stream
+    assert b"error " not in stream, stream  # the chunked body ended cleanly: no IncompleteRead
+    events = [json.loads(line[6:]) for line in stream.split(b"\n") if line.startswith(b"data: {")]
+    assert events[-1]["error"]["code"] == "proxy_stopping"
+
+
 def test_a_second_ctrl_c_stops_at_once(repo: Repo, upstream: Upstream, tmp_path: Path) -> None:
     gate = threading.Event()
     upstream.behaviour.stream_gate = gate
