@@ -82,7 +82,8 @@ class Settings(SettingChecks):
         ge=0,
         description="On SIGTERM or Ctrl-C the proxy stops accepting connections and lets requests in flight "
         "(streams included) finish for this many ms; then a request still waiting for its answer gets a 503 "
-        "and a stream still running is cut. It exits with status 0; a second signal stops it at once.",
+        "and a stream still running ends with an error event. It exits with status 0; a second signal stops it "
+        "at once.",
     )
     proxy_api_key: str | None = Field(
         None, description="If set, clients must send 'Authorization: Bearer <key>' (401 otherwise)."

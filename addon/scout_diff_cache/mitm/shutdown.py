@@ -4,9 +4,9 @@ mitmproxy's own handlers end the process at once, cutting every answer in flight
 included. This addon replaces them once mitmdump or mitmweb runs. On the first signal the
 listeners close (open connections go on), a new request on a kept-alive connection gets a 503,
 and the proxy waits for the requests in flight. When the last one ends, or STOP_GRACE_MS passes,
-a request still waiting for its answer gets a 503 in the OpenAI envelope, a stream still running is
-cut (its upstream connection closed), and mitmproxy shuts down; the exit status is 0. A second
-signal shuts down at once.
+a request still waiting for its answer gets a 503 in the OpenAI envelope, a stream still running
+ends with an error event of the same code (its upstream connection is then closed), and mitmproxy
+shuts down; the exit status is 0. A second signal shuts down at once.
 """
 
 from __future__ import annotations
