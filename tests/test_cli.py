@@ -231,6 +231,18 @@ def _stream_lines(port: int, body: bytes, received: list[bytes], done: threading
         done.set()
 
 
+def stream_started(port: int) -> tuple[list[bytes], threading.Event]:
+    """A streamed chat request in a thread, once its first event has arrived: what it received, and when it ended."""
+    received: list[bytes] = []
+    done = threading.Event()
+    threading.Thread(target=_stream_lines, args=(port, STREAM_CHAT, received, done), daemon=True).start()
+    deadline = time.monotonic() + 20
+    while b"part0" not in b"".join(received) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert b"part0" in b"".join(received), b"".join(received)
+    return received, done
+
+
 def test_sigterm_stops_accepting_lets_a_stream_finish_and_exits_0(
     repo: Repo, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -239,13 +251,7 @@ def test_sigterm_stops_accepting_lets_a_stream_finish_and_exits_0(
     port = free_port()
     env = {"TARGET_API_URL": upstream.url, "PORT": str(port), "GIT_REPO_PATH": str(repo.path), "STOP_GRACE_MS": "20000"}
     with run_command(tmp_path / "run", env, wait_port=port) as command:
-        received: list[bytes] = []
-        done = threading.Event()
-        threading.Thread(target=_stream_lines, args=(port, STREAM_CHAT, received, done), daemon=True).start()
-        deadline = time.monotonic() + 20
-        while b"part0" not in b"".join(received) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert b"part0" in b"".join(received), command.log()
+        received, done = stream_started(port)
         command.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while listening(command.process.pid) and time.monotonic() < deadline:
@@ -316,12 +322,7 @@ def test_a_stream_still_running_when_the_grace_ends_gets_an_error_event_and_a_cl
     env = {"TARGET_API_URL": upstream.url, "PORT": str(port), "GIT_REPO_PATH": str(repo.path), "STOP_GRACE_MS": "1000"}
     try:
         with run_command(tmp_path / "run", env, wait_port=port) as command:
-            received: list[bytes] = []
-            done = threading.Event()
-            threading.Thread(target=_stream_lines, args=(port, STREAM_CHAT, received, done), daemon=True).start()
-            deadline = time.monotonic() + 20
-            while b"part0" not in b"".join(received) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            received, done = stream_started(port)
             command.process.send_signal(signal.SIGTERM)
             assert done.wait(15)
             assert command.wait_exit(15) == 0
@@ -342,12 +343,7 @@ def test_a_second_ctrl_c_stops_at_once(repo: Repo, upstream: Upstream, tmp_path:
     env = {"TARGET_API_URL": upstream.url, "PORT": str(port), "GIT_REPO_PATH": str(repo.path), "STOP_GRACE_MS": "60000"}
     try:
         with run_command(tmp_path / "run", env, wait_port=port) as command:
-            received: list[bytes] = []
-            done = threading.Event()
-            threading.Thread(target=_stream_lines, args=(port, STREAM_CHAT, received, done), daemon=True).start()
-            deadline = time.monotonic() + 20
-            while b"part0" not in b"".join(received) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            stream_started(port)  # a stream in flight: the first Ctrl-C waits for it
             command.process.send_signal(signal.SIGINT)
             time.sleep(0.5)
             assert command.process.poll() is None
