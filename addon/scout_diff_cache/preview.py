@@ -24,7 +24,7 @@ from .git.errors import GitError
 from .observe.window import ContextWindow, effective_window
 from .settings import CONFIG_ENV_VAR, ConfigError, load_settings, resolve_config_path
 from .text import human_bytes
-from .wiring import context_provider, estimate, window_budget
+from .wiring import checked_context_provider, estimate, window_budget
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
@@ -90,7 +90,7 @@ def run(argv: Sequence[str], prog: str = "scout-diff-cache preview") -> int:
     try:
         settings, _ = load_settings(options, os.environ, resolve_config_path(args.config, os.environ))
         # The proxy's own provider, its change monitor not started: one read, as the proxy would make it.
-        provider = context_provider(settings, watch=False)
+        provider = checked_context_provider(settings, watch=False)
         repo = provider.repo
         window = effective_window(settings.max_context_tokens, ContextWindow(None, "the preview asks no server"))
         assert window.tokens is not None

@@ -5,14 +5,15 @@ from __future__ import annotations
 from .context.fit import WindowBudget
 from .context.history import HistoryLimits
 from .context.provider import BuildObserver, ContextProvider
-from .context.secrets import SecretScanner
+from .context.secrets import SecretPatternError, SecretScanner
 from .context.snapshot import SnapshotLimits
 from .context.tokens import BytesPerTokenRule, TokenMeasure
 from .context.workdiff import DiffLimits
+from .git.errors import GitError
 from .git.exclusions import PathFilter
 from .git.repo import GitRepo
 from .git.watcher import ChangeMonitor
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 
 def history_limits(settings: Settings) -> HistoryLimits | None:
@@ -43,6 +44,20 @@ def context_provider(settings: Settings, observer: BuildObserver | None = None, 
     if watch:
         monitor.start()
     return provider
+
+
+def checked_context_provider(
+    settings: Settings, observer: BuildObserver | None = None, watch: bool = True
+) -> ContextProvider:
+    """``context_provider``, its failures as a ConfigError naming the setting at fault (one readable line)."""
+    try:
+        return context_provider(settings, observer, watch)
+    except SecretPatternError as e:
+        raise ConfigError(f"invalid setting secret_patterns: {e}") from None
+    except ValueError as e:  # an exclusion pattern pathspec cannot compile
+        raise ConfigError(f"invalid setting exclude_path_patterns: {e}") from None
+    except GitError as e:
+        raise ConfigError(f"invalid setting git_repo_path: {e}") from None
 
 
 def secret_scanner(settings: Settings) -> SecretScanner | None:

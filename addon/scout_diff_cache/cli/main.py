@@ -16,8 +16,6 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, get_args
 
 from .. import __version__, preview
-from ..context.secrets import SecretPatternError
-from ..git.errors import GitError
 from ..launch import LaunchSettings, launch_env_name, launch_help, load_launch, reverse_mode
 from ..settings import (
     CONFIG_ENV_VAR,
@@ -32,7 +30,7 @@ from ..settings import (
     resolve_config_path,
     setting_help,
 )
-from ..wiring import context_provider
+from ..wiring import checked_context_provider
 from . import doctor
 
 PROG = "scout-diff-cache"
@@ -139,19 +137,12 @@ def checked(args: argparse.Namespace) -> tuple[LaunchSettings, dict[str, object]
     flags = flag_values(args)
     launch, _ = load_launch({name: getattr(args, name) for name in LAUNCH_NAMES}, os.environ, config_path)
     settings, _ = load_settings(flags, os.environ, config_path)
-    try:
-        context_provider(settings, watch=False)  # the repository, exclusion and secret patterns
-    except GitError as e:
-        raise ConfigError(f"invalid setting git_repo_path: {e}") from None
-    except SecretPatternError as e:
-        raise ConfigError(f"invalid setting secret_patterns: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"invalid setting exclude_path_patterns: {e}") from None
+    checked_context_provider(settings, watch=False)  # the repository, exclusion and secret patterns
     return launch, flags, str(config_path) if config_path is not None else None
 
 
 def run(argv: Sequence[str]) -> int:
-    own, _, passed_on = _split_at_double_dash(argv)
+    own, passed_on = _split_at_double_dash(argv)
     args = run_parser().parse_args(own)
     try:
         launch, flags, config = checked(args)
@@ -166,11 +157,12 @@ def run(argv: Sequence[str]) -> int:
     return run_mitmproxy([*arguments, *passed_on], web=args.web)
 
 
-def _split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], bool, list[str]]:
+def _split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The command's own arguments, and those after ``--`` (mitmproxy's)."""
     if "--" in argv:
         index = list(argv).index("--")
-        return list(argv[:index]), True, list(argv[index + 1 :])
-    return list(argv), False, []
+        return list(argv[:index]), list(argv[index + 1 :])
+    return list(argv), []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,8 +30,6 @@ from mitmproxy.addonmanager import Loader
 from .. import __version__
 from ..chat.conversation import ConversationStore
 from ..context.retrieval import Retriever
-from ..context.secrets import SecretPatternError
-from ..git.errors import GitError
 from ..settings import (
     CONFIG_OPTION,
     SECRET_SETTINGS,
@@ -44,7 +42,7 @@ from ..settings import (
     resolve_config_path,
     setting_help,
 )
-from ..wiring import context_provider
+from ..wiring import checked_context_provider
 from .state import ScoutState
 
 logger = logging.getLogger(__name__)
@@ -122,15 +120,9 @@ class ScoutOptions:
         try:
             config_path = resolve_config_path(ctx.options.scout_config, os.environ)
             settings, sources = load_settings(changed, os.environ, config_path)
-            provider = context_provider(settings, self.state.metrics)
+            provider = checked_context_provider(settings, self.state.metrics)
         except ConfigError as e:
             raise options_error(f"scout-diff-cache: {e}") from None
-        except SecretPatternError as e:
-            raise options_error(f"scout-diff-cache: invalid setting secret_patterns: {e}") from None
-        except ValueError as e:  # an exclusion pattern pathspec cannot compile
-            raise options_error(f"scout-diff-cache: invalid setting exclude_path_patterns: {e}") from None
-        except GitError as e:
-            raise options_error(f"scout-diff-cache: invalid setting git_repo_path: {e}") from None
         self.done()
         self.state.settings, self.state.provider = settings, provider
         self.state.conversations = ConversationStore(settings.max_conversations)  # a new repository: none continue
