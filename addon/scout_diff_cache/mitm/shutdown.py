@@ -44,7 +44,8 @@ STOPPING = ApiError(503, "the proxy is stopping; retry in a moment", "server_err
 STREAM_STOPPING_EVENT = b"\n\ndata: " + json.dumps(STOPPING.envelope()).encode() + b"\n\n"
 POLL_SECONDS = 0.05
 DELIVERY_SECONDS = 2.0
-EXIT_SECONDS = 2.0
+# mitmproxy's own shutdown (its done hooks, a flow file closed) takes milliseconds; this bounds the rest.
+EXIT_SECONDS = 5.0
 
 
 class GracefulStop:
@@ -96,7 +97,11 @@ class GracefulStop:
         for flow in left:
             end_unfinished(flow)
         if left:
-            logger.warning("stopped with %d requests unfinished after STOP_GRACE_MS: answered 503 or cut", len(left))
+            logger.warning(
+                "stopped with %d requests unfinished after STOP_GRACE_MS: answered 503, or their stream ended "
+                "with an error event",
+                len(left),
+            )
             deadline = loop.time() + DELIVERY_SECONDS  # let the 503s and the error events reach their clients
             while any(flow.live for flow in left) and loop.time() < deadline:
                 await asyncio.sleep(POLL_SECONDS / 10)
@@ -149,7 +154,11 @@ def end_unfinished(flow: http.HTTPFlow) -> None:
 
 def _exit_after(seconds: float) -> None:
     time.sleep(seconds)
-    logger.warning("stopped; %.0f s later a worker thread still waited on the upstream: exiting without it", seconds)
+    logger.warning(
+        "stopped, but the process had not ended %.0f s later (a worker thread waiting on a silent upstream, "
+        "most likely): exiting without it",
+        seconds,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
