@@ -429,6 +429,9 @@ def test_doctor_gives_a_verdict_per_check(
     assert result.returncode == 0, result.stdout.decode()
     if engine:
         assert "65,536 tokens" in result.stdout.decode()
+    # Only what differs from the built-in defaults (the checkout's config.yaml lists every default).
+    settings_line = next(line for line in result.stdout.decode().splitlines() if line.startswith("ok    settings: "))
+    assert settings_line.endswith("; changed from the defaults: stop_grace_ms=1000 (environment)"), settings_line
 
 
 def test_doctor_fails_on_an_unreachable_upstream_and_a_remote_listener_without_key(repo: Repo, tmp_path: Path) -> None:

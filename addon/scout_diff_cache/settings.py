@@ -266,6 +266,19 @@ def resolve_config_path(option_value: str | None, environ: Mapping[str, str]) ->
     return None
 
 
+def changed_settings(settings: Settings, sources: dict[str, SettingSource]) -> str:
+    """The settings that differ from the built-in defaults, with where each came from (keys never shown)."""
+    built_in = Settings.model_validate({"git_repo_path": settings.git_repo_path})
+    changed = []
+    for name in SETTING_NAMES:
+        value = getattr(settings, name)
+        if value == getattr(built_in, name):
+            continue
+        shown = "(set)" if name in SECRET_SETTINGS else ",".join(value) if isinstance(value, tuple) else value
+        changed.append(f"{name}={shown} ({sources[name]})")
+    return "changed from the defaults: " + ", ".join(changed) if changed else "every other setting at its default"
+
+
 def _option_is_set(value: object) -> bool:
     if value is None:
         return False

@@ -26,7 +26,7 @@ from ..git.repo import GitRepo
 from ..launch import LaunchSettings, load_launch
 from ..observe.tokenizer import TokenizerEndpoint, probe_tokenizer
 from ..observe.window import learn_window
-from ..settings import LAUNCH_NAMES, ConfigError, Settings, load_settings, resolve_config_path
+from ..settings import LAUNCH_NAMES, ConfigError, Settings, changed_settings, load_settings, resolve_config_path
 
 TIMEOUT_SECONDS = 10
 CACHE_REPORTING_HINT = (
@@ -109,7 +109,8 @@ def upstream_verdicts(launch: LaunchSettings, settings: Settings) -> list[Verdic
         return [Verdict("FAIL", "upstream", f"{base}/v1/models answered {e.code} {e.reason}")]
     except (OSError, ValueError) as e:
         return [Verdict("FAIL", "upstream", f"{base} not reachable: {getattr(e, 'reason', e)}")]
-    served = [str(card.get("id")) for card in models.get("data", []) if isinstance(card, dict)]
+    cards = models.get("data") if isinstance(models, dict) else None
+    served = [str(card.get("id")) for card in cards if isinstance(card, dict)] if isinstance(cards, list) else []
     model = settings.upstream_model or (served[0] if served else settings.model_id)
     verdicts = [Verdict("ok", "upstream", f"{base} answers; serves {', '.join(served) or 'no model it names'}")]
     window = learn_window(base, settings.upstream_model, authorization, True)
@@ -188,9 +189,8 @@ def run(argv: Sequence[str], emit: Callable[[str], None] = print) -> int:
     except ConfigError as e:
         verdicts.append(Verdict("FAIL", "settings", str(e)))
         return _report(verdicts, emit)
-    changed = sorted(name for name, source in sources.items() if source != "default")
     verdicts.append(
-        Verdict("ok", "settings", f"config file {config_path or 'none'}; set: {', '.join(changed) or 'nothing'}")
+        Verdict("ok", "settings", f"config file {config_path or 'none'}; {changed_settings(settings, sources)}")
     )
     verdicts.append(repository_verdict(settings))
     verdicts.extend(listen_verdicts(launch, settings))

@@ -36,7 +36,7 @@ from ..settings import (
     SETTING_NAMES,
     ConfigError,
     Settings,
-    SettingSource,
+    changed_settings,
     load_settings,
     option_name,
     resolve_config_path,
@@ -140,19 +140,6 @@ class ScoutOptions:
             self.state.provider.monitor.stop()
         if self.state.retriever is not None:
             self.state.retriever.close()
-
-
-def changed_settings(settings: Settings, sources: dict[str, SettingSource]) -> str:
-    """The settings that differ from the built-in defaults, with where each came from (keys never shown)."""
-    built_in = Settings.model_validate({"git_repo_path": settings.git_repo_path})
-    changed = []
-    for name in SETTING_NAMES:
-        value = getattr(settings, name)
-        if value == getattr(built_in, name):
-            continue
-        shown = "(set)" if name in SECRET_SETTINGS else ",".join(value) if isinstance(value, tuple) else value
-        changed.append(f"{name}={shown} ({sources[name]})")
-    return "changed from the defaults: " + ", ".join(changed) if changed else "every other setting at its default"
 
 
 def option_changed(name: str) -> bool:
