@@ -132,10 +132,11 @@ class CacheVerdicts:
         else:
             result = outcome.replace("_", " ")
         status = flow.response.status_code if flow.response is not None else "-"
+        headline = verdict.headline() if verdict is not None else f"{status} {result}"
         if record.tap is not None and record.tap.recording_truncated:
-            result += f" · stream copy for mitmweb cut at {human_bytes(RECORDED_STREAM_LIMIT)}"
+            truncated = f" · stream copy for mitmweb cut at {human_bytes(RECORDED_STREAM_LIMIT)}"
+            result, headline = result + truncated, headline + truncated
         if verdict is not None or status != "-":  # first: mitmweb's flow list shows the comment's start
-            headline = verdict.headline() if verdict is not None else f"{status} {result}"
             flow.comment = f"{headline} · {flow.comment}" if flow.comment else headline
         fit = record.snapshot.fit
         logger.info(
