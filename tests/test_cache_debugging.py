@@ -390,6 +390,14 @@ def test_pass_through_requests_are_counted(upstream: Upstream, proxy_for: ProxyF
     assert metric(proxy, "scout_chat_requests_total", outcome="hit") == 0
 
 
+def saved_flows(proxy: Proxy, flows_file: Path) -> list[HTTPFlow]:
+    """The HTTP flows a proxy started with ``-w flows_file`` saved, once it has stopped."""
+    proxy.process.terminate()
+    proxy.wait_exit()
+    with flows_file.open("rb") as f:
+        return [flow for flow in io.FlowReader(f).stream() if isinstance(flow, HTTPFlow)]
+
+
 @pytest.mark.parametrize("engine_upstream", ["llamacpp"], indirect=True)
 def test_flows_the_proxy_answered_itself_say_so_and_chat_flows_start_with_the_verdict(
     engine_upstream: Upstream, proxy_for: ProxyFor, repo: Repo, tmp_path: Path
@@ -401,14 +409,10 @@ def test_flows_the_proxy_answered_itself_say_so_and_chat_flows_start_with_the_ve
     assert proxy.get("/health").status == 200
     assert proxy.get("/v1/models").status == 200
     assert proxy.post(CHAT, b"{not json", {"content-type": "application/json"}).status == 400
-    proxy.process.terminate()
-    proxy.wait_exit()
-    with flows_file.open("rb") as f:
-        flows = {
-            (flow.request.path, flow.response.status_code if flow.response else 0): flow
-            for flow in io.FlowReader(f).stream()
-            if isinstance(flow, HTTPFlow)
-        }
+    flows = {
+        (flow.request.path, flow.response.status_code if flow.response else 0): flow
+        for flow in saved_flows(proxy, flows_file)
+    }
     local = "answered by scout-diff-cache, not sent upstream"
     assert flows[("/health", 200)].comment == local
     assert flows[("/v1/models", 200)].comment == local
@@ -426,11 +430,7 @@ def test_saved_flows_carry_the_comment_verdict_and_the_streamed_answer(
     ask(proxy)
     ask(proxy, stream=True)
     wait_for_log(proxy, "(hit)")
-    proxy.process.terminate()
-    proxy.wait_exit()
-    with flows_file.open("rb") as f:
-        flows = [flow for flow in io.FlowReader(f).stream() if isinstance(flow, HTTPFlow)]
-    chats = [flow for flow in flows if flow.request.path == CHAT]
+    chats = [flow for flow in saved_flows(proxy, flows_file) if flow.request.path == CHAT]
     assert len(chats) == 2
     comment_pattern = rf"(miss [\d.]+%: first request|hit [\d.]+%) · snap {repo.head()[:7]} · [\d.]+ KB · diff \d+ B"
     assert re.fullmatch(comment_pattern, chats[0].comment)
