@@ -6,6 +6,8 @@
 # The repository is mounted read-only at /repo (the proxy never writes to it). Inside the container
 # the proxy listens on every interface so the port can be published, which it refuses without
 # PROXY_API_KEY (or ALLOW_REMOTE_WITHOUT_KEY=true). Settings: the README's table, as -e NAME=value.
+# The build cache (README "Restarts") is /home/scout/.cache/scout-diff-cache: -v scout-cache:/home/scout/.cache
+# keeps it across containers.
 # Checked by tests/test_install.py: hadolint, and these install and start steps in a fresh venv.
 
 FROM python:3.12-slim AS build
@@ -21,7 +23,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/* \
     && git config --system --add safe.directory /repo \
-    && useradd --system --uid 10001 --create-home --home-dir /home/scout scout
+    && useradd --system --uid 10001 --create-home --home-dir /home/scout scout \
+    && install -d -o 10001 -m 0700 /home/scout/.cache
 COPY --from=build /opt/scout /opt/scout
 ENV PATH=/opt/scout/bin:$PATH \
     GIT_REPO_PATH=/repo \

@@ -14,7 +14,8 @@ append layout, secrets redacted, no window budget):
 
 1. cold first answer: a fresh provider's first ``current()`` (HEAD, the working diff, the history
    tail and the base snapshot), best of ``--rounds``, against ``git archive HEAD > /dev/null`` best
-   of as many, alternated (goal <= 1.3x); with the time of each part;
+   of as many, alternated (goal <= 1.3x): at a first start (an empty build cache) and at a restart
+   (a fresh provider on the build cache the first one filled); with the time of each part;
 2. a new commit: the first ``current()`` after a commit that edits one file, plus assembling a chat
    request body, against a warm request (``current()`` with nothing changed, plus the same
    assembly), median of ``--rounds`` commits (goal <= 1.5x);
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench_fit import corpus_or_clone, git_archive_seconds
 from scout_diff_cache.chat.request import assemble_body, parse_chat_request
+from scout_diff_cache.context.buildcache import BuildCache
 from scout_diff_cache.context.provider import ContextProvider
 from scout_diff_cache.settings import Settings
 from scout_diff_cache.wiring import context_provider
@@ -51,8 +53,9 @@ from support import GIT_COMMIT_ENV, Repo
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "What does this do?"}]}).encode()
 
 
-def provider_for(path: Path) -> ContextProvider:
-    return context_provider(Settings(git_repo_path=str(path)), watch=False)
+def provider_for(path: Path, build_cache: Path | None = None) -> ContextProvider:
+    cache = BuildCache.open(build_cache, 8 << 30) if build_cache is not None else None
+    return context_provider(Settings(git_repo_path=str(path)), watch=False, build_cache=cache)
 
 
 async def request_seconds(provider: ContextProvider) -> float:
@@ -71,14 +74,22 @@ def add_commits(repo: Repo, count: int) -> None:
         repo.commit_all(f"change {i}")
 
 
-async def cold_first_answer(path: Path, rounds: int) -> None:
-    archives, colds = [], []
-    for _ in range(rounds):
+async def cold_first_answer(path: Path, rounds: int, scratch: Path) -> None:
+    archives, colds, restarts = [], [], []
+    for index in range(rounds):
         archives.append(git_archive_seconds(path))
-        provider = provider_for(path)
+        build_cache = scratch / f"build-cache-{index}"  # empty: a first start
+        provider = provider_for(path, build_cache)
         started = time.perf_counter()
         context = await provider.current()
         colds.append(time.perf_counter() - started)
+        assert provider.builds is not None
+        provider.builds.cache.flush()
+        restarted = provider_for(path, build_cache)  # a new process would find what this one kept
+        started = time.perf_counter()
+        again = await restarted.current()
+        restarts.append(time.perf_counter() - started)
+        assert again.snapshot.message_json == context.snapshot.message_json
     # The parts one after another, for a fresh provider (current() overlaps the state with the build).
     provider = provider_for(path)
     assert provider.history is not None
@@ -95,7 +106,14 @@ async def cold_first_answer(path: Path, rounds: int) -> None:
         f"after another: working state {state_seconds:.3f} s, history tail {tail_seconds:.3f} s, base snapshot "
         f"{snapshot_seconds:.3f} s"
     )
-    print(f"  ratio cold / git archive: {min(colds) / min(archives):.2f}x (goal <= 1.3x)")
+    print(
+        f"  ratio cold / git archive, first start (nothing kept yet): {min(colds) / min(archives):.2f}x "
+        f"(goal <= 1.3x; the CPU floor on 2 cores is about 1.6x, README 'Known limits')"
+    )
+    print(
+        f"  ratio cold / git archive, restart (build cache kept): {min(restarts) / min(archives):.2f}x "
+        f"({min(restarts):.3f} s; goal <= 1.3x)"
+    )
 
 
 async def timed[T](work: Awaitable[T]) -> tuple[float, T]:
@@ -120,7 +138,10 @@ async def new_commit(repo: Repo, rounds: int) -> None:
         f"new commit: first request after it {statistics.median(after_commit) * 1000:.0f} ms, warm request "
         f"{statistics.median(warm) * 1000:.0f} ms (medians of {rounds})"
     )
-    print(f"  ratio new commit / warm request: {ratio:.2f}x (goal <= 1.5x)")
+    print(
+        f"  ratio new commit / warm request: {ratio:.2f}x (in-process, where a warm request costs no body copy "
+        f"through mitmproxy; the goal, <= 1.5x through mitmdump on git/git, is bench_proxy_load.py's)"
+    )
 
 
 def large_tree(root: Path, files: int) -> Repo:
@@ -180,7 +201,7 @@ async def main() -> None:
         if args.repo is None:
             add_commits(repo, args.commits)
         print(f"repository: {args.repo or 'the stdlib corpus'} ({repo.path})")
-        await cold_first_answer(repo.path, args.rounds)
+        await cold_first_answer(repo.path, args.rounds, Path(tmp))
         await new_commit(repo, args.rounds)
         if args.tree_files:
             await edit_to_visible(large_tree(Path(tmp), args.tree_files), args.rounds)

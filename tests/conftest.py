@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from inprocess import ScoutAddons
-from support import SETTING_ENV_NAMES, Proxy, Repo, Upstream, run_proxy, run_upstream
+from support import CLEARED_ENV_NAMES, Proxy, Repo, Upstream, run_proxy, run_upstream
 
 _GIT_HOME = tempfile.mkdtemp(prefix="scout-test-git-")
 
@@ -21,6 +21,13 @@ def pytest_configure(config: pytest.Config) -> None:
     global_config.write_text('[init]\n\tdefaultBranch = main\n[protocol "file"]\n\tallow = always\n')
     os.environ["GIT_CONFIG_GLOBAL"] = str(global_config)
     os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def own_build_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Addons loaded in this process read BUILD_CACHE_DIR from the environment: a cache per test, so
+    no test is served another's entries (proxies started by a test get their own, see proxy_env)."""
+    monkeypatch.setenv("BUILD_CACHE_DIR", str(tmp_path_factory.mktemp("build-cache")))
 
 
 @pytest.fixture
@@ -61,7 +68,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
 @pytest.fixture
 def clean_scout_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No scout setting inherited from the environment; an empty config file. Returns its path."""
-    for name in SETTING_ENV_NAMES:
+    for name in CLEARED_ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     config = tmp_path / "empty-config.yaml"
     config.write_text("{}\n")

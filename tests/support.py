@@ -34,6 +34,8 @@ SETTING_ENV_NAMES = (
     *(launch_env_name(name) for name in LAUNCH_NAMES),
     "SCOUT_CONFIG",
 )
+# What an in-process test clears: all but BUILD_CACHE_DIR, a directory of the test's own (conftest).
+CLEARED_ENV_NAMES = tuple(name for name in SETTING_ENV_NAMES if name != "BUILD_CACHE_DIR")
 
 # Fixed identity and dates: the same operations give the same commit ids on every machine.
 GIT_COMMIT_ENV = {
@@ -595,7 +597,9 @@ def proxy_env(env: Mapping[str, str], work_dir: Path) -> dict[str, str]:
     config.write_text("{}\n")
     base = {k: v for k, v in os.environ.items() if k not in SETTING_ENV_NAMES}
     # A proxy stopped with requests still open waits STOP_GRACE_MS: short here, unless a test says otherwise.
-    return {**base, "SCOUT_CONFIG": str(config), "STOP_GRACE_MS": "1000", **env}
+    # BUILD_CACHE_DIR=auto: a build cache of this proxy's own (no test reads another's entries).
+    xdg_cache = str(work_dir / "xdg-cache")
+    return {**base, "SCOUT_CONFIG": str(config), "STOP_GRACE_MS": "1000", "XDG_CACHE_HOME": xdg_cache, **env}
 
 
 @contextlib.contextmanager

@@ -184,6 +184,9 @@ def test_with_the_file_alone_the_proxy_listens_where_the_file_says(
         pytest.param({"PORT": "99999"}, (), "invalid setting port (environment variable PORT)", id="port"),
         pytest.param({"GIT_REPO_PATH": "/"}, (), "invalid setting git_repo_path", id="not-a-repo"),
         pytest.param({"SECRET_PATTERNS": "(unclosed"}, (), "invalid setting secret_patterns", id="pattern"),
+        pytest.param(
+            {"BUILD_CACHE_DIR": "/tmp"}, (), "invalid setting build_cache_dir: /tmp may be written", id="cache"
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_status_2_with_nothing_bound(

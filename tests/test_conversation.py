@@ -17,7 +17,7 @@ from scout_diff_cache.chat.conversation import PINNED_SNAPSHOTS, Conversation, C
 from scout_diff_cache.context.snapshot import Snapshot
 from scout_diff_cache.context.workdiff import WorkState
 from scout_diff_cache.mitm.state import METADATA_KEY
-from support import SETTING_ENV_NAMES, Repo
+from support import CLEARED_ENV_NAMES, Repo
 
 CHAT = "/v1/chat/completions"
 
@@ -62,7 +62,7 @@ def test_the_store_keeps_at_most_its_capacity_and_pins_few_message_1s() -> None:
 
 @pytest.fixture
 def addon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ScoutAddons:
-    for name in SETTING_ENV_NAMES:
+    for name in CLEARED_ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     return ScoutAddons()
 

@@ -27,7 +27,7 @@ from inprocess import ScoutAddons
 from scout_diff_cache.context.framing import TRIMMED_SNAPSHOT_PREFIX
 from scout_diff_cache.mitm.state import METADATA_KEY
 from support import (
-    SETTING_ENV_NAMES,
+    CLEARED_ENV_NAMES,
     Proxy,
     Recorded,
     Repo,
@@ -886,7 +886,7 @@ def test_bad_setting_stops_mitmdump_at_start(
 async def test_a_replayed_flow_gets_its_context_once(
     make_repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in SETTING_ENV_NAMES:
+    for name in CLEARED_ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     repo: Repo = make_repo({"a.txt": "a\n"})
     config = tmp_path / "config.yaml"

@@ -39,7 +39,7 @@ from scout_diff_cache.mitm.forward import UpstreamForwarding
 from scout_diff_cache.mitm.state import METADATA_KEY
 from support import (
     BIG_WINDOW,
-    SETTING_ENV_NAMES,
+    CLEARED_ENV_NAMES,
     Proxy,
     Repo,
     Upstream,
@@ -593,7 +593,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     config = root / "empty.yaml"
     config.write_text("{}\n")
     with pytest.MonkeyPatch.context() as env, run_upstream() as upstream:
-        for name in SETTING_ENV_NAMES:
+        for name in CLEARED_ENV_NAMES:
             env.delenv(name, raising=False)
         env.setenv("SCOUT_CONFIG", str(config))
         addon = ScoutAddons()

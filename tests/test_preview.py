@@ -22,7 +22,13 @@ def preview(args: list[str], env: Mapping[str, str], tmp_path: Path) -> subproce
     base = {k: v for k, v in os.environ.items() if k not in SETTING_ENV_NAMES}
     return subprocess.run(
         [sys.executable, "-m", "scout_diff_cache", *args],
-        env={**base, "PYTHONPATH": str(ROOT / "addon"), "SCOUT_CONFIG": str(config), **env},
+        env={
+            **base,
+            "PYTHONPATH": str(ROOT / "addon"),
+            "SCOUT_CONFIG": str(config),
+            "XDG_CACHE_HOME": str(tmp_path / "xdg-cache"),  # a build cache of the test's own
+            **env,
+        },
         capture_output=True,
         text=True,
         check=False,

@@ -111,7 +111,10 @@ def test_the_exact_snapshot_count_is_what_vllm_reports_as_prompt_tokens_for_the_
         text=True,
         timeout=60,
         check=True,
-        env={name: value for name, value in os.environ.items() if name not in SETTING_ENV_NAMES},
+        env={
+            **{name: value for name, value in os.environ.items() if name not in SETTING_ENV_NAMES},
+            "XDG_CACHE_HOME": str(tmp_path / "xdg-cache"),  # a build cache of the test's own
+        },
     )
     assert "wrote" in preview.stdout
     body = {

@@ -191,6 +191,17 @@ class Settings(SettingChecks):
     history_full_files: bool = Field(
         False, description="append layout: commit blocks carry the full new text of changed files, not patches."
     )
+    build_cache_dir: str = Field(
+        "auto",
+        description="Where rendered bases, history blocks and depths are kept across restarts, so a restart "
+        "answers without reading the repository again; auto: $XDG_CACHE_HOME/scout-diff-cache (else "
+        "~/.cache/scout-diff-cache); off: nowhere.",
+    )
+    build_cache_max_bytes: int = Field(
+        2 << 30,
+        ge=1 << 20,
+        description="The build cache's size; past it the least recently used entries are removed.",
+    )
     prewarm: bool = Field(
         False,
         description="When HEAD gets a new base (per-commit: every commit), send one max_tokens=1 request "

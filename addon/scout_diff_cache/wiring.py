@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from .context.buildcache import BuildCache, RepositoryBuilds, UnsafeCacheDir
 from .context.fit import WindowBudget
 from .context.history import HistoryLimits
 from .context.provider import BuildObserver, ContextProvider
@@ -15,6 +21,10 @@ from .git.repo import GitRepo
 from .git.watcher import ChangeMonitor
 from .settings import ConfigError, Settings
 
+logger = logging.getLogger(__name__)
+
+BUILD_CACHE_RELATIVE = "scout-diff-cache"  # under $XDG_CACHE_HOME, else ~/.cache
+
 
 def history_limits(settings: Settings) -> HistoryLimits | None:
     """The append layout's settings; None for the per-commit layout."""
@@ -23,8 +33,40 @@ def history_limits(settings: Settings) -> HistoryLimits | None:
     return HistoryLimits(settings.base_every_commits, settings.max_tail_percent, settings.history_full_files)
 
 
-def context_provider(settings: Settings, observer: BuildObserver | None = None, watch: bool = True) -> ContextProvider:
-    """The repository context for these settings, its change monitor started when ``watch``.
+def build_cache_path(settings: Settings, environ: Mapping[str, str]) -> Path | None:
+    """BUILD_CACHE_DIR as a path: ``auto`` is $XDG_CACHE_HOME/scout-diff-cache (else under ~/.cache); off: None."""
+    value = settings.build_cache_dir
+    if value == "off":
+        return None
+    if value != "auto":
+        return Path(value).expanduser()
+    cache_home = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".cache")
+    return Path(cache_home) / BUILD_CACHE_RELATIVE
+
+
+def open_build_cache(settings: Settings, environ: Mapping[str, str] = os.environ) -> BuildCache | None:
+    """The build cache BUILD_CACHE_DIR names. A directory the user named that cannot be used is a
+    ConfigError; the automatic one is then only warned about (the proxy runs without it)."""
+    path = build_cache_path(settings, environ)
+    if path is None:
+        return None
+    try:
+        return BuildCache.open(path, settings.build_cache_max_bytes)
+    except UnsafeCacheDir as e:
+        if settings.build_cache_dir != "auto":
+            raise ConfigError(f"invalid setting build_cache_dir: {e}") from None
+        logger.warning("build cache off: %s (set BUILD_CACHE_DIR to a directory of your own, or off)", e)
+        return None
+
+
+def context_provider(
+    settings: Settings,
+    observer: BuildObserver | None = None,
+    watch: bool = True,
+    build_cache: BuildCache | None = None,
+) -> ContextProvider:
+    """The repository context for these settings, its change monitor started when ``watch``; what it
+    renders kept in ``build_cache`` when given.
 
     Raises GitError (not a repository), SecretPatternError (a SECRET_PATTERNS entry that does not
     compile) or ValueError (an exclusion pattern that does not compile).
@@ -33,13 +75,18 @@ def context_provider(settings: Settings, observer: BuildObserver | None = None, 
     secrets = secret_scanner(settings)
     repo = GitRepo(settings.git_repo_path)
     monitor = ChangeMonitor(repo.toplevel, [repo.git_dir, repo.common_dir])
+    snapshot_limits = SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter, secrets)
+    builds = None
+    if build_cache is not None:
+        builds = RepositoryBuilds(build_cache, repo, snapshot_limits, settings.history_full_files)
     provider = ContextProvider(
         repo,
         monitor,
-        SnapshotLimits(settings.max_file_bytes, settings.max_snapshot_bytes, path_filter, secrets),
+        snapshot_limits,
         DiffLimits(settings.max_file_bytes, settings.max_diff_bytes, path_filter, secrets),
         observer=observer,
         history_limits=history_limits(settings),
+        builds=builds,
     )
     if watch:
         monitor.start()
@@ -49,9 +96,11 @@ def context_provider(settings: Settings, observer: BuildObserver | None = None, 
 def checked_context_provider(
     settings: Settings, observer: BuildObserver | None = None, watch: bool = True
 ) -> ContextProvider:
-    """``context_provider``, its failures as a ConfigError naming the setting at fault (one readable line)."""
+    """``context_provider`` with the build cache BUILD_CACHE_DIR names, its failures as a ConfigError
+    naming the setting at fault (one readable line)."""
+    build_cache = open_build_cache(settings)
     try:
-        return context_provider(settings, observer, watch)
+        return context_provider(settings, observer, watch, build_cache)
     except SecretPatternError as e:
         raise ConfigError(f"invalid setting secret_patterns: {e}") from None
     except ValueError as e:  # an exclusion pattern pathspec cannot compile

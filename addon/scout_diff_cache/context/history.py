@@ -28,13 +28,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..git.commits import BIG_FILE_LIMIT_FACTOR, CommitDiff, commit_diffs, first_parent_depth, first_parent_line
-from ..git.exclusions import PathFilter
-from ..git.repo import MODE_MISSING, MODE_SUBMODULE, MODE_SYMLINK, GitRepo, RawChange, read_all
-from ..text import decode_utf8, display, is_binary, listing, quoted
+from ..git.commits import first_parent_depth, first_parent_line
+from ..git.repo import GitRepo
+from .blocks import BlockRenderer
+from .buildcache import RepositoryBuilds
 from .fit import BLOCK_SLACK_TOKENS, WindowBudget
-from .secrets import COMMIT_MESSAGE, Redaction, redaction_listing
-from .snapshot import SnapshotContent, SnapshotLimits, file_block, select_entries
+from .snapshot import SnapshotContent, SnapshotLimits, select_entries
 from .tokens import utf8_length
 
 KEPT_BLOCKS = 4096
@@ -72,8 +71,16 @@ def tail_share(budget: WindowBudget, limits: HistoryLimits) -> tuple[WindowBudge
 class History:
     """Renders and caches commit blocks and picks the base for a HEAD (blocking: run in a thread)."""
 
-    def __init__(self, repo: GitRepo, snapshot_limits: SnapshotLimits, limits: HistoryLimits) -> None:
+    def __init__(
+        self,
+        repo: GitRepo,
+        snapshot_limits: SnapshotLimits,
+        limits: HistoryLimits,
+        builds: RepositoryBuilds | None = None,
+    ) -> None:
         self.repo = repo
+        self.builds = builds  # blocks, depths and base sizes kept on disk across restarts
+        self._renderer = BlockRenderer(repo, snapshot_limits, limits.full_files)
         self.snapshot_limits = snapshot_limits
         self.limits = limits
         self._blocks: OrderedDict[str, str] = OrderedDict()
@@ -124,17 +131,29 @@ class History:
     def _depth(self, line: list[str]) -> int:
         """The first-parent depth of ``line[0]``: from a known commit in ``line`` if there is one."""
         head = line[0]
-        for steps, commit in enumerate(line[: DEPTH_LOOKBACK + 1]):
-            if commit in self._depths:
-                depth = self._depths[commit] + steps
-                break
-        else:
+        depth = self._known_depth(line)
+        if depth is None:
             depth = first_parent_depth(self.repo, head)
+        if self.builds is not None and head not in self._depths:
+            self.builds.save_depth(head, depth)
         self._depths[head] = depth
         self._depths.move_to_end(head)
         while len(self._depths) > KEPT_DEPTHS:
             self._depths.popitem(last=False)
         return depth
+
+    def _known_depth(self, line: list[str]) -> int | None:
+        """From the nearest commit of ``line`` whose depth is known in memory, else on disk."""
+        recent = line[: DEPTH_LOOKBACK + 1]
+        for steps, commit in enumerate(recent):
+            if commit in self._depths:
+                return self._depths[commit] + steps
+        if self.builds is not None:
+            for steps, commit in enumerate(recent):
+                depth = self.builds.depth(commit)
+                if depth is not None:
+                    return depth + steps
+        return None
 
     def _tail_tokens(self, blocks: Sequence[str], tail_bytes: int, budget: WindowBudget | None) -> int | None:
         """The tail's tokens (0 without a budget); None when they take more than the tail's share."""
@@ -150,9 +169,13 @@ class History:
     def base_bytes(self, commit: str) -> int:
         """The size of the files a snapshot of ``commit`` includes (from the tree's sizes: no reads)."""
         if commit not in self._base_bytes:
-            entries = select_entries(self.repo.ls_tree(commit), self.snapshot_limits, SnapshotContent())
-            total = sum(entry.size or 0 for entry in entries)
-            self._base_bytes[commit] = min(total, self.snapshot_limits.max_snapshot_bytes)
+            size = self.builds.base_size(commit) if self.builds is not None else None
+            if size is None:
+                entries = select_entries(self.repo.ls_tree(commit), self.snapshot_limits, SnapshotContent())
+                size = min(sum(entry.size or 0 for entry in entries), self.snapshot_limits.max_snapshot_bytes)
+                if self.builds is not None:
+                    self.builds.save_base_size(commit, size)
+            self._base_bytes[commit] = size
         return self._base_bytes[commit]
 
     def block(self, commit: str) -> str:
@@ -163,110 +186,18 @@ class History:
 
     def _render_missing(self, commits: Sequence[str]) -> None:
         """Render the blocks not cached yet, all from one ``commit_diffs`` call (a few git processes)."""
-        missing = [commit for commit in commits if commit not in self._blocks]
-        limits = self.snapshot_limits
-        diffs = commit_diffs(self.repo, missing, limits.max_file_bytes, patches=not self.limits.full_files)
-        over_big_file_limit = self._over_big_file_limit(diffs)
-        for diff in diffs:
-            self._blocks[diff.commit] = self._render(diff, over_big_file_limit)
+        missing = [commit for commit in commits if commit not in self._blocks and not self._restored(commit)]
+        for commit, block, redacted in self._renderer.render(missing):
+            self._blocks[commit], self.redacted[commit] = block, redacted
+            if self.builds is not None:
+                self.builds.save_block(commit, block, redacted)
         while len(self._blocks) > KEPT_BLOCKS:
             self._blocks.popitem(last=False)
 
-    def _render(self, diff: CommitDiff, over_big_file_limit: set[tuple[str, bytes]]) -> str:
-        path_filter: PathFilter = self.snapshot_limits.path_filter
-        excluded = sorted(c.path for c in diff.changes if path_filter.excludes(c.path))
-        kept = sorted((c for c in diff.changes if not path_filter.excludes(c.path)), key=lambda c: c.path)
-        too_large: list[bytes] = []
-        found: list[Redaction] = []
-        if self.limits.full_files:
-            body = self._full_files(kept, too_large, found)
-        else:
-            body = self._patches(diff, kept, over_big_file_limit, too_large, found)
-        message = diff.message
-        secrets = self.snapshot_limits.secrets
-        if secrets is not None:
-            message, in_message = secrets.redact(COMMIT_MESSAGE, message)
-            found.extend(in_message)
-        self.redacted[diff.commit] = len(found)
-        parent_attribute = f' parent="{diff.parent}"' if diff.parent else ""
-        notes = (
-            _listing("changed files excluded by path pattern", excluded)
-            + _listing(
-                f"changed files over the per-file limit of {self.snapshot_limits.max_file_bytes} bytes", too_large
-            )
-            + redaction_listing(found)
-        )
-        text = decode_utf8(message)
-        if text and not text.endswith("\n"):
-            text += "\n"
-        return f'<commit id="{diff.commit}"{parent_attribute}>\n<message>\n{text}</message>\n{body}{notes}</commit>\n'
-
-    def _patches(
-        self,
-        diff: CommitDiff,
-        kept: Sequence[RawChange],
-        over_big_file_limit: set[tuple[str, bytes]],
-        too_large: list[bytes],
-        found: list[Redaction],
-    ) -> str:
-        wanted = {c.path for c in kept}
-        parts = []
-        for path, file_patch in diff.patches:
-            if path not in wanted:
-                continue  # excluded, or under a kept path that became a folder (conf -> conf/.env)
-            if len(file_patch) > self.snapshot_limits.max_file_bytes or (diff.commit, path) in over_big_file_limit:
-                if path not in too_large:
-                    too_large.append(path)
-                continue
-            sent = file_patch
-            if self.snapshot_limits.secrets is not None:  # removed lines too: a secret taken out is still one
-                sent, in_patch = self.snapshot_limits.secrets.redact_patch(path, file_patch)
-                found.extend(in_patch)
-            parts.append(decode_utf8(sent))
-        return "".join(parts)
-
-    def _over_big_file_limit(self, diffs: Sequence[CommitDiff]) -> set[tuple[str, bytes]]:
-        """(commit, path) of changes git called binary only for their size (commits.BIG_FILE_LIMIT_FACTOR)."""
-        binary: list[tuple[str, RawChange]] = []
-        for diff in diffs:
-            paths = {path for path, patch in diff.patches if b"\nBinary files " in patch}
-            binary.extend((diff.commit, change) for change in diff.changes if change.path in paths)
-        if not binary:
-            return set()
-        sizes = self.repo.blob_sizes(sorted({oid for _, c in binary for oid in (c.old_oid, c.new_oid)}))
-        limit = self.snapshot_limits.max_file_bytes * BIG_FILE_LIMIT_FACTOR
-        return {
-            (commit, c.path) for commit, c in binary if max(sizes.get(c.old_oid, 0), sizes.get(c.new_oid, 0)) > limit
-        }
-
-    def _full_files(self, kept: Sequence[RawChange], too_large: list[bytes], found: list[Redaction]) -> str:
-        present = [c for c in kept if c.new_mode not in (MODE_MISSING, MODE_SUBMODULE)]
-        sizes = self.repo.blob_sizes([c.new_oid for c in present])
-        readable = [c for c in present if sizes.get(c.new_oid, 0) <= self.snapshot_limits.max_file_bytes]
-        too_large.extend(c.path for c in present if c not in readable)
-        contents = dict(
-            zip((c.path for c in readable), read_all(self.repo, [c.new_oid for c in readable]), strict=True)
-        )
-        parts = []
-        for change in kept:
-            if change.new_mode == MODE_MISSING:
-                parts.append(f"<deleted path={quoted(change.path)}/>\n")
-            elif change.new_mode == MODE_SUBMODULE:
-                parts.append(f"<submodule path={quoted(change.path)} commit={quoted(change.new_oid.encode())}/>\n")
-            elif change.path in contents:
-                data = contents[change.path]
-                if change.new_mode == MODE_SYMLINK:
-                    parts.append(f"<symlink path={quoted(change.path)} target={quoted(data)}/>\n")
-                elif is_binary(data):
-                    parts.append(f"<binary path={quoted(change.path)} bytes={len(data)}/>\n")
-                else:
-                    if self.snapshot_limits.secrets is not None:
-                        data, in_file = self.snapshot_limits.secrets.redact(change.path, data, oid=change.new_oid)
-                        found.extend(in_file)
-                    parts.append(file_block(change.path, data))
-        return "".join(parts)
-
-
-def _listing(title: str, paths: Sequence[bytes]) -> str:
-    block = listing(title, [display(p) for p in paths])
-    return f"<left_out>\n{block}</left_out>\n" if block else ""
+    def _restored(self, commit: str) -> bool:
+        """Whether the commit's block was read back from disk (then it is cached in memory too)."""
+        found = self.builds.block(commit) if self.builds is not None else None
+        if found is None:
+            return False
+        self._blocks[commit], self.redacted[commit] = found
+        return True

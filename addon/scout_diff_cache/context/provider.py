@@ -9,6 +9,7 @@ id (not the symbolic ``HEAD``), so a request never pairs a snapshot with a diff 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from typing import Literal, Protocol
 from ..git.repo import GitRepo
 from ..git.watcher import ChangeMonitor, Generation
 from ..text import human_bytes, short_commit
+from .buildcache import RepositoryBuilds
 from .fit import WindowBudget
 from .history import History, HistoryLimits, tail_share
 from .snapshot import PREAMBLE, Snapshot, SnapshotLimits, append_preamble, build_snapshot, with_history
@@ -98,10 +100,12 @@ class ContextProvider:
         *,
         observer: BuildObserver | None = None,
         history_limits: HistoryLimits | None = None,
+        builds: RepositoryBuilds | None = None,
     ) -> None:
         self.repo = repo
+        self.builds = builds  # bases, blocks and depths kept on disk across restarts (None: BUILD_CACHE_DIR=off)
         # None: the per-commit layout (every commit is its own base, no history).
-        self.history = History(repo, snapshot_limits, history_limits) if history_limits else None
+        self.history = History(repo, snapshot_limits, history_limits, builds) if history_limits else None
         self.observer: BuildObserver = observer or _Unobserved()
         self.monitor = monitor
         self.snapshot_limits = snapshot_limits
@@ -154,10 +158,12 @@ class ContextProvider:
     async def _build(self, commit: str | None, budget: WindowBudget | None, key: _Key) -> Snapshot:
         started = time.perf_counter()
         try:
-            if self.history is None or commit is None:
+            if commit is None:
                 snapshot = await asyncio.to_thread(
-                    build_snapshot, self.repo, commit, self.snapshot_limits, PREAMBLE, budget
+                    build_snapshot, self.repo, None, self.snapshot_limits, PREAMBLE, budget
                 )
+            elif self.history is None:
+                snapshot = await asyncio.to_thread(self._read_or_build, commit, PREAMBLE, budget)
             else:
                 snapshot = await self._with_history(commit, budget)
         finally:
@@ -215,15 +221,17 @@ class ContextProvider:
 
     async def _build_base(self, commit: str, budget: WindowBudget | None, key: _Key) -> Snapshot:
         try:
-            base = await asyncio.to_thread(
-                build_snapshot, self.repo, commit, self.snapshot_limits, append_preamble(commit), budget
-            )
+            base = await asyncio.to_thread(self._read_or_build, commit, append_preamble(commit), budget)
         finally:
             del self._base_builds[key]
         self._bases[key] = base
         while len(self._bases) > KEPT_SNAPSHOTS:
             self._bases.popitem(last=False)
         return base
+
+    def _read_or_build(self, commit: str, preamble: str, budget: WindowBudget | None) -> Snapshot:
+        build = functools.partial(build_snapshot, self.repo, commit, self.snapshot_limits, preamble, budget)
+        return build() if self.builds is None else self.builds.snapshot(commit, preamble, budget, build)
 
     def _known_state(self) -> _WorkState | None:
         """The working state already read for the monitor's current generation, if any."""

@@ -1,0 +1,377 @@
+"""Rendered work kept on disk across restarts: base snapshots, history blocks, depths and base sizes.
+
+A restart, or a second proxy on the same machine, finds message 1's base and the history blocks
+already rendered: its first answer reads them back (about 50 ms for a 40 MB base, checksum
+included) instead of reading every blob again (one ``git archive`` of CPU), making the tail's
+patches and walking the first-parent chain to count HEAD's depth.
+
+Every entry is named by SHA-256 over what its bytes depend on, so a changed setting, an upgrade or
+an edited repository config never reads an entry made under others (``Scope``):
+
+- this package's source files and git's version (what renders, and what makes the patches);
+- the repository: its git directory, its ``config`` and ``info/attributes`` (diff drivers and
+  binary attributes shape patches; they are not part of any commit);
+- the settings the build takes (size limits, exclusions, secret rules, the history settings, the
+  preamble and the window budget) and the commit.
+
+An entry is written whole to a temporary file and renamed into place (a reader never sees half of
+one); its length and SHA-256 are checked on every read, and a damaged entry is removed and built
+again. The directory is created 0700 and entries 0600; a directory that another user owns or that
+group or others may write is not used: whoever can write there chooses what is sent upstream as
+the repository. Past ``max_bytes`` the least recently used entries are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..git.repo import GitRepo
+from ..text import human_bytes, path_key, short_commit
+from .fit import FitReport, Omitted, Outlined, WindowBudget
+from .snapshot import Snapshot, SnapshotLimits
+
+logger = logging.getLogger(__name__)
+
+FORMAT = b"scout-diff-cache build entry 1\n"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("bases", "blocks", "depths", "sizes")
+TRIM_TO_PERCENT = 90  # past max_bytes, entries are removed until the total is this share of it
+STALE_TEMP_SECONDS = 3600  # a temporary file this old was left by a writer that died
+
+
+class UnsafeCacheDir(Exception):
+    """The directory cannot be used: the message says why and what to do."""
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 over this package's source files (a few ms, once per process)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def git_version() -> str:
+    return subprocess.run(["git", "version"], capture_output=True, check=False).stdout.decode().strip()
+
+
+def repository_identity(repo: GitRepo) -> list[str]:
+    """What, besides a commit, shapes what is read from this repository: where it is, its config and
+    attributes files (read again for every scope: a user may edit them between restarts)."""
+    parts = [str(repo.common_dir.resolve())]
+    for name in ("config", "info/attributes"):
+        try:
+            parts.append(hashlib.sha256((repo.common_dir / name).read_bytes()).hexdigest())
+        except OSError:
+            parts.append("-")
+    return parts
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The digest of everything an entry depends on but its own key (code, git, repository, settings)."""
+
+    digest: str
+
+    @classmethod
+    def of(cls, repo: GitRepo, settings: Sequence[object]) -> Scope:
+        material = [FORMAT.decode(), code_digest(), git_version(), *repository_identity(repo), repr(tuple(settings))]
+        return cls(hashlib.sha256("\0".join(material).encode("utf-8", "surrogatepass")).hexdigest())
+
+    def key(self, *parts: object) -> str:
+        return hashlib.sha256("\0".join([self.digest, *map(repr, parts)]).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    meta: dict[str, Any]
+    payload: bytes
+    sha256: str  # of the payload, checked
+
+
+class BuildCache:
+    """Entries on disk: reads block (call from worker threads), writes go to one background thread."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="scout build cache")
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._total: int | None = None  # bytes on disk, counted at the first write
+        self._failed = False
+
+    @classmethod
+    def open(cls, root: Path, max_bytes: int) -> BuildCache:
+        """Create (0700) or check the directory; UnsafeCacheDir if it cannot be used."""
+        root = root.expanduser()
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_private(root)  # before anything is made in it
+            for kind in KINDS:
+                (root / kind).mkdir(mode=0o700, exist_ok=True)
+                check_private(root / kind)
+        except OSError as e:
+            raise UnsafeCacheDir(f"{root}: cannot be used: {e.strerror or e}") from None
+        return cls(root.resolve(), max_bytes)
+
+    def read(self, kind: str, key: str) -> Entry | None:
+        """The entry, or None when there is none or it is damaged (then it is removed)."""
+        path = self.root / kind / key
+        try:
+            with path.open("rb") as file:
+                entry = _parse(file.readline(), file.readline(), file.read())
+            os.utime(path)  # most recently used
+        except OSError:
+            return None
+        if entry is None:
+            logger.warning("build cache: %s is damaged; removed, built again", path)
+            path.unlink(missing_ok=True)
+        return entry
+
+    def write(self, kind: str, key: str, meta: dict[str, Any], payload: bytes) -> None:
+        """Store the entry in the background (a failure is logged once, never raised)."""
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._writer.submit(self._write, kind, key, meta, payload))
+
+    def flush(self) -> None:
+        """Wait for the writes queued so far."""
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    def _write(self, kind: str, key: str, meta: dict[str, Any], payload: bytes) -> None:
+        digest = hashlib.sha256(payload).hexdigest()
+        header = json.dumps({**meta, "bytes": len(payload), "sha256": digest}, separators=(",", ":")).encode()
+        folder = self.root / kind
+        temporary: str | None = None
+        try:
+            descriptor, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)  # 0600
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(FORMAT + header + b"\n")
+                file.write(payload)
+            os.replace(temporary, folder / key)
+        except OSError as e:
+            if not self._failed:
+                logger.warning("build cache: cannot write under %s (%s); restarts will build again", folder, e)
+            self._failed = True
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            return
+        self._trim(len(FORMAT) + len(header) + 1 + len(payload))
+
+    def _trim(self, written: int) -> None:
+        """Remove the least recently used entries once the total passes max_bytes (and stale temporaries)."""
+        if self._total is not None:
+            self._total += written
+            if self._total <= self.max_bytes:
+                return
+        files = []
+        now = time.time()
+        for kind in KINDS:
+            for item in os.scandir(self.root / kind):
+                with contextlib.suppress(OSError):
+                    info = item.stat()
+                    if item.name.startswith(".tmp-"):
+                        if now - info.st_mtime > STALE_TEMP_SECONDS:
+                            os.unlink(item.path)
+                        continue
+                    files.append((info.st_mtime, info.st_size, item.path))
+        total = sum(size for _, size, _ in files)
+        if total > self.max_bytes:
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes * TRIM_TO_PERCENT // 100:
+                    break
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    total -= size
+        self._total = total
+
+
+def check_private(folder: Path) -> None:
+    """UnsafeCacheDir unless ``folder`` is a directory of this user that group and others cannot write."""
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeCacheDir(f"{folder} is not a directory")
+    if info.st_uid != os.getuid():
+        raise UnsafeCacheDir(f"{folder} belongs to another user (uid {info.st_uid}); use a directory of your own")
+    if info.st_mode & 0o022:
+        raise UnsafeCacheDir(
+            f"{folder} may be written by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run chmod go-w on it or choose another BUILD_CACHE_DIR"
+        )
+
+
+def _parse(first_line: bytes, header: bytes, payload: bytes) -> Entry | None:
+    if first_line != FORMAT or not header.endswith(b"\n"):
+        return None
+    try:
+        meta = json.loads(header)
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.get("bytes") != len(payload):
+        return None
+    digest = hashlib.sha256(payload).hexdigest()
+    if meta.get("sha256") != digest:
+        return None
+    return Entry(meta, payload, digest)
+
+
+def limits_key(limits: SnapshotLimits) -> tuple[object, ...]:
+    """The snapshot settings as plain values, for a scope."""
+    secrets = limits.secrets.key if limits.secrets is not None else None
+    return (limits.max_file_bytes, limits.max_snapshot_bytes, limits.path_filter.patterns, secrets)
+
+
+class RepositoryBuilds:
+    """One repository's entries under one set of settings (their scopes worked out once, at start)."""
+
+    def __init__(self, cache: BuildCache, repo: GitRepo, limits: SnapshotLimits, full_files: bool) -> None:
+        self.cache = cache
+        self.repo = repo
+        self._bases = Scope.of(repo, ("bases", limits_key(limits)))
+        self._blocks = Scope.of(repo, ("blocks", limits_key(limits), full_files))
+        self._sizes = Scope.of(repo, ("sizes", limits_key(limits)))
+        self._depths = Scope.of(repo, ("depths",))
+
+    def snapshot(
+        self, commit: str, preamble: str, budget: WindowBudget | None, build: Callable[[], Snapshot]
+    ) -> Snapshot:
+        """The snapshot ``build`` makes, read back if it was kept, else built and kept. Blocking.
+
+        A base fitted by the upstream's exact tokenizer is always built: its plan depends on which
+        model answers, and a restart may have changed that.
+        """
+        if budget is not None and budget.measure.exact:
+            return build()
+        key = self._bases.key(commit, preamble, budget.key if budget is not None else None)
+        started = time.perf_counter()
+        entry = self.cache.read("bases", key)
+        if entry is not None:
+            found = snapshot_from_entry(entry)
+            logger.info(
+                "snapshot %s read from the build cache in %.2f s (%s)",
+                short_commit(commit),
+                time.perf_counter() - started,
+                human_bytes(found.size),
+            )
+            return found
+        snapshot = build()
+        self.cache.write("bases", key, *snapshot_entry(snapshot))
+        return snapshot
+
+    def block(self, commit: str) -> tuple[str, int] | None:
+        """A commit's history block and the secrets redacted in it."""
+        entry = self.cache.read("blocks", self._blocks.key(commit))
+        if entry is None:
+            return None
+        return entry.payload.decode("utf-8", "surrogatepass"), int(entry.meta["redacted"])
+
+    def save_block(self, commit: str, block: str, redacted: int) -> None:
+        payload = block.encode("utf-8", "surrogatepass")
+        self.cache.write("blocks", self._blocks.key(commit), {"redacted": redacted}, payload)
+
+    def depth(self, commit: str) -> int | None:
+        """HEAD's first-parent depth (never in a shallow clone: there it counts what the clone has)."""
+        if self._shallow():
+            return None
+        entry = self.cache.read("depths", self._depths.key(commit))
+        return int(entry.meta["depth"]) if entry is not None else None
+
+    def save_depth(self, commit: str, depth: int) -> None:
+        if not self._shallow():
+            self.cache.write("depths", self._depths.key(commit), {"depth": depth}, b"")
+
+    def base_size(self, commit: str) -> int | None:
+        entry = self.cache.read("sizes", self._sizes.key(commit))
+        return int(entry.meta["bytes_included"]) if entry is not None else None
+
+    def save_base_size(self, commit: str, size: int) -> None:
+        self.cache.write("sizes", self._sizes.key(commit), {"bytes_included": size}, b"")
+
+    def _shallow(self) -> bool:
+        return (self.repo.common_dir / "shallow").exists() or (self.repo.common_dir / "info" / "grafts").exists()
+
+
+def snapshot_entry(snapshot: Snapshot) -> tuple[dict[str, Any], bytes]:
+    """A base snapshot as an entry: its counts, regions and fit report, and its message bytes."""
+    fit = snapshot.fit
+    meta = {
+        "commit": snapshot.commit,
+        "file_count": snapshot.file_count,
+        "symlink_count": snapshot.symlink_count,
+        "skipped_count": snapshot.skipped_count,
+        "regions": snapshot.regions,
+        "outline_count": snapshot.outline_count,
+        "redacted": snapshot.redacted,
+        "fit": None
+        if fit is None
+        else {
+            "budget": fit.budget,
+            "measure": fit.measure,
+            "repository_tokens": fit.repository_tokens,
+            "planned_tokens": fit.planned_tokens,
+            "cut": fit.cut,
+            "outlined": [(path_key(o.path), o.tokens, o.full_tokens) for o in fit.outlined],
+            "omitted": [(path_key(o.path), o.tokens) for o in fit.omitted],
+            "tiers": fit.tiers,
+        },
+    }
+    return meta, snapshot.message_json
+
+
+def snapshot_from_entry(entry: Entry) -> Snapshot:
+    """The base snapshot ``snapshot_entry`` stored (its prefix key from the checksum just verified)."""
+    meta = entry.meta
+    fit = meta["fit"]
+    return Snapshot(
+        commit=meta["commit"],
+        message_json=entry.payload,
+        file_count=meta["file_count"],
+        symlink_count=meta["symlink_count"],
+        skipped_count=meta["skipped_count"],
+        base_commit=meta["commit"],
+        regions=tuple((offset, label) for offset, label in meta["regions"]),
+        fit=None
+        if fit is None
+        else FitReport(
+            budget=fit["budget"],
+            measure=fit["measure"],
+            repository_tokens=fit["repository_tokens"],
+            planned_tokens=fit["planned_tokens"],
+            cut=fit["cut"],
+            outlined=[Outlined(_path(path), tokens, full) for path, tokens, full in fit["outlined"]],
+            omitted=[Omitted(_path(path), tokens) for path, tokens in fit["omitted"]],
+            tiers=fit["tiers"],
+        ),
+        outline_count=meta["outline_count"],
+        redacted=meta["redacted"],
+        prefix_key=entry.sha256[:16],
+    )
+
+
+def _path(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
