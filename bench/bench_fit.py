@@ -73,10 +73,10 @@ def clone_of(given: Path, target: Path) -> Repo:
 
 def tokenizer(url: str, model: str | None) -> UpstreamTokenizer:
     endpoint = TokenizerEndpoint(url.rstrip("/"), model, None, True)
-    kind = probe_tokenizer(endpoint)
-    if kind is None:
+    probe = probe_tokenizer(endpoint)
+    if probe is None:
         raise SystemExit(f"{url} offers no POST /tokenize this proxy knows")
-    return UpstreamTokenizer(endpoint, kind)
+    return UpstreamTokenizer(endpoint, probe.kind, probe.probe_tokens)
 
 
 def timed(action: object, *args: object) -> tuple[float, object]:

@@ -21,7 +21,8 @@ import pytest
 from scout_diff_cache.context.buildcache import KINDS, BuildCache, UnsafeCacheDir
 from scout_diff_cache.context.fit import WindowBudget
 from scout_diff_cache.context.provider import ContextProvider, RepoContext
-from scout_diff_cache.context.tokens import BYTE_BOUND, ByteBound
+from scout_diff_cache.context.tokens import BYTE_BOUND
+from scout_diff_cache.observe.tokenizer import TokenizerEndpoint, UpstreamTokenizer, probe_tokenizer
 from scout_diff_cache.settings import ConfigError, Settings
 from scout_diff_cache.wiring import build_cache_path, context_provider, open_build_cache
 from support import Proxy, Repo, Upstream
@@ -34,7 +35,7 @@ SECRET = "ghp_" + "Zq7xW2mK9pL4vN8rT1yB6cH3jF5dS0gA2eU7"
 
 def settings_for(repo: Repo, **values: object) -> Settings:
     return Settings.model_validate(
-        {"git_repo_path": str(repo.path), "base_every_commits": 8, "max_tail_percent": 100, **values}
+        {"git_repo_path": str(repo.path), "base_every_commits": 8, "max_tail_percent": 50, **values}
     )
 
 
@@ -186,8 +187,8 @@ def test_past_its_size_the_least_recently_used_entries_go(tmp_path: Path) -> Non
     assert sum(path.stat().st_size for path in (tmp_path / "cache" / "blocks").iterdir()) <= 1 << 20
 
 
-async def test_a_shallow_clone_keeps_no_depth_and_a_fit_by_the_exact_tokenizer_is_not_kept(
-    history_repo: Repo, tmp_path: Path
+async def test_a_shallow_clone_keeps_no_depth_and_a_fitted_base_is_kept_per_tokenizer(
+    history_repo: Repo, upstream: Upstream, tmp_path: Path
 ) -> None:
     shallow_path = tmp_path / "shallow"
     subprocess.run(["git", "clone", "-q", "--depth", "3", f"file://{history_repo.path}", str(shallow_path)], check=True)
@@ -197,13 +198,25 @@ async def test_a_shallow_clone_keeps_no_depth_and_a_fit_by_the_exact_tokenizer_i
     assert not list((cache_dir / "depths").iterdir())  # a shallow clone's depth counts what it has
     assert (await current(shallow, cache_dir)).snapshot == first.snapshot
 
+    # The upstream's tokenizer as the proxy learns it (with its count of PROBE_TEXT): a plan made
+    # with one model's tokenizer is never read back for another's.
+    upstream.behaviour.engine = "vllm"  # a tokenizer of the fake vLLM's kind
+    endpoint = TokenizerEndpoint(upstream.url, None, None, True)
+    probe = probe_tokenizer(endpoint)
+    assert probe is not None
+
+    def exact(probe_tokens: int) -> WindowBudget:
+        return WindowBudget(6000, UpstreamTokenizer(endpoint, probe.kind, probe_tokens))  # the files need more
+
     other_dir = tmp_path / "other"
     settings = settings_for(history_repo)
-    await current(settings, other_dir, WindowBudget(10**6, ByteBound("counted as if exact", exact=True)))
-    assert not list((other_dir / "bases").iterdir())  # the model answering may differ after a restart
-    fitted = await current(settings, other_dir, WindowBudget(10**6, BYTE_BOUND))
-    assert len(list((other_dir / "bases").iterdir())) == 1
-    assert (await current(settings, other_dir, WindowBudget(10**6, BYTE_BOUND))).snapshot == fitted.snapshot
+    fitted = await current(settings, other_dir, exact(probe.probe_tokens))
+    fit = fitted.snapshot.fit
+    assert fit is not None and fit.cut and fit.measure.startswith("exact") and fit.omitted
+    for budget in (exact(probe.probe_tokens + 1), WindowBudget(6000, BYTE_BOUND)):
+        await current(settings, other_dir, budget)
+    assert len(list((other_dir / "bases").iterdir())) == 3
+    assert (await current(settings, other_dir, exact(probe.probe_tokens))).snapshot == fitted.snapshot
 
 
 def test_a_restarted_proxy_sends_the_same_bytes_read_from_its_build_cache(
@@ -212,9 +225,11 @@ def test_a_restarted_proxy_sends_the_same_bytes_read_from_its_build_cache(
     env = {
         "GIT_REPO_PATH": str(history_repo.path),
         "BASE_EVERY_COMMITS": "8",
-        "MAX_TAIL_PERCENT": "100",
+        "MAX_TAIL_PERCENT": "50",
         "BUILD_CACHE_DIR": str(tmp_path / "bc"),
     }
+    upstream.behaviour.engine = "vllm"  # its /tokenize: message 1 is fitted by the exact count, as on vLLM
+    upstream.behaviour.max_model_len = 200_000
     first = start_proxy(upstream.url, env)
     assert first.post("/v1/chat/completions", CHAT, JSON).status == 200
     before = upstream.chat_requests()[-1]
@@ -229,4 +244,5 @@ def test_a_restarted_proxy_sends_the_same_bytes_read_from_its_build_cache(
     assert after.body == before.body
     assert after.headers["x-scout-prefix-key"] == before.headers["x-scout-prefix-key"]
     assert "read from the build cache" in second.log()
+    assert "token counts: exact" in second.log()
     assert os.listdir(tmp_path / "bc" / "bases")

@@ -121,12 +121,12 @@ def upstream_verdicts(launch: LaunchSettings, settings: Settings) -> list[Verdic
     else:
         assumed = f"{window.source}; the proxy assumes 131,072: set MAX_CONTEXT_TOKENS"
         verdicts.append(Verdict("warn", "window", assumed))
-    kind = probe_tokenizer(TokenizerEndpoint(base, settings.upstream_model, authorization, True))
-    if kind is None:
+    probe = probe_tokenizer(TokenizerEndpoint(base, settings.upstream_model, authorization, True))
+    if probe is None:
         estimated = f"no /tokenize: token counts are estimates (BYTES_PER_TOKEN {settings.bytes_per_token})"
         verdicts.append(Verdict("warn", "tokenizer", estimated))
     else:
-        verdicts.append(Verdict("ok", "tokenizer", f"{kind} /tokenize: exact token counts"))
+        verdicts.append(Verdict("ok", "tokenizer", f"{probe.kind} /tokenize: exact token counts"))
     verdicts.append(cache_reporting_verdict(base, model, authorization))
     return verdicts
 

@@ -262,11 +262,10 @@ class RepositoryBuilds:
     ) -> Snapshot:
         """The snapshot ``build`` makes, read back if it was kept, else built and kept. Blocking.
 
-        A base fitted by the upstream's exact tokenizer is always built: its plan depends on which
-        model answers, and a restart may have changed that.
+        A fitted base is keyed by its budget: the share's tokens and the measure's identity (for the
+        upstream's tokenizer: its address, model and count of a probe text), so a plan made with one
+        model's tokenizer is never read back for another.
         """
-        if budget is not None and budget.measure.exact:
-            return build()
         key = self._bases.key(commit, preamble, budget.key if budget is not None else None)
         started = time.perf_counter()
         entry = self.cache.read("bases", key)

@@ -49,7 +49,7 @@ class WindowBudget:
 
     @property
     def key(self) -> tuple[int, str, tuple[str, ...]]:
-        return (self.tokens, self.measure.name, self.include_first.patterns if self.include_first else ())
+        return (self.tokens, self.measure.identity, self.include_first.patterns if self.include_first else ())
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,12 @@ from typing import Protocol
 class TokenMeasure(Protocol):
     @property
     def name(self) -> str:
-        """Says what counts (shown in /health and the preview; part of a plan's cache key)."""
+        """Says what counts (shown in /health and the preview)."""
+        ...
+
+    @property
+    def identity(self) -> str:
+        """Tells this measure's counts from any other's (part of a plan's cache key, also on disk)."""
         ...
 
     @property
@@ -41,6 +46,10 @@ class ByteBound:
     name: str = "byte bound (1 token per byte)"
     exact: bool = False
 
+    @property
+    def identity(self) -> str:
+        return self.name
+
     def count(self, texts: Sequence[str]) -> list[int]:
         return [utf8_length(text) for text in texts]
 
@@ -55,6 +64,10 @@ class BytesPerTokenRule:
     @property
     def name(self) -> str:
         return f"estimate ({self.bytes_per_token:g} bytes per token; the upstream offers no tokenizer)"
+
+    @property
+    def identity(self) -> str:
+        return self.name
 
     @property
     def exact(self) -> bool:

@@ -13,7 +13,7 @@ import time
 
 from mitmproxy import ctx, http
 
-from ..observe.tokenizer import TokenizerEndpoint, UpstreamTokenizer, probe_tokenizer
+from ..observe.tokenizer import TokenizerEndpoint, TokenizerProbe, UpstreamTokenizer, probe_tokenizer
 from ..observe.window import ContextWindow, learn_window
 from .prewarm import reverse_target
 from .state import ScoutState
@@ -84,20 +84,24 @@ class WindowLearner:
             self._report(window)
         self.state.window = window
         if count_tokens and window.tokens is not None:
-            kind = await asyncio.to_thread(probe_tokenizer, endpoint)
-            self._use_tokenizer(endpoint, kind)
+            probe = await asyncio.to_thread(probe_tokenizer, endpoint)
+            self._use_tokenizer(endpoint, probe)
 
-    def _use_tokenizer(self, endpoint: TokenizerEndpoint, kind: str | None) -> None:
+    def _use_tokenizer(self, endpoint: TokenizerEndpoint, probe: TokenizerProbe | None) -> None:
         current = self.state.tokenizer
-        if kind is None:
+        if probe is None:
             if current is not None:
                 current.close()
             self.state.tokenizer = None
             logger.warning("the upstream offers no tokenizer: requests are fitted to the window by estimate")
-        elif current is None or current.endpoint != endpoint or current.kind != kind:
+        elif current is None or (current.endpoint, current.kind, current.probe_tokens) != (
+            endpoint,
+            probe.kind,
+            probe.probe_tokens,
+        ):
             if current is not None:
                 current.close()
-            self.state.tokenizer = UpstreamTokenizer(endpoint, "vllm" if kind == "vllm" else "llama.cpp")
+            self.state.tokenizer = UpstreamTokenizer(endpoint, probe.kind, probe.probe_tokens)
             logger.info("token counts: %s", self.state.tokenizer.name)
 
     @staticmethod

@@ -112,14 +112,30 @@ def text_body(kind: TokenizerKind, model: str | None, text: str) -> dict[str, ob
     return {"content": text, "add_special": False, "parse_special": False}
 
 
-def probe_tokenizer(endpoint: TokenizerEndpoint) -> TokenizerKind | None:
-    """Blocking: which tokenize API the upstream offers, by counting one short text; None for neither."""
+# Counted once per upstream: its count tells tokenizers apart (different vocabularies split code,
+# accents, CJK, emoji, digits and runs of spaces differently), so a plan kept on disk across
+# restarts (context/buildcache.py) is never reused with another model's tokenizer.
+PROBE_TEXT = (
+    "def probe(value: int) -> str:\n    return f'{value:08d} naïve café — 東京タワー 🙂🚀'  # mixed\n"
+    "SELECT COUNT(*) FROM users WHERE id IN (1, 22, 333, 4444);\n\t\tindented\twith   spaces    here\n"
+    "Übergrößenträger, résumé, ﬁne; 1234567890 3.14159 0xDEADBEEF camelCaseIdentifier snake_case_name\n"
+)
+
+
+@dataclass(frozen=True)
+class TokenizerProbe:
+    kind: TokenizerKind
+    probe_tokens: int  # tokens of PROBE_TEXT
+
+
+def probe_tokenizer(endpoint: TokenizerEndpoint) -> TokenizerProbe | None:
+    """Blocking: which tokenize API the upstream offers, and its count of PROBE_TEXT; None for neither."""
     local = _Connections()
     try:
         for kind in ("vllm", "llama.cpp"):
             try:
-                _count_in(post(endpoint, local, "/tokenize", text_body(kind, endpoint.model, "probe")), kind)
-                return kind
+                count = _count_in(post(endpoint, local, "/tokenize", text_body(kind, endpoint.model, PROBE_TEXT)), kind)
+                return TokenizerProbe(kind, count)
             except TokenizeFailed:
                 continue
         return None
@@ -134,6 +150,7 @@ class UpstreamTokenizer:
 
     endpoint: TokenizerEndpoint
     kind: TokenizerKind
+    probe_tokens: int = 0  # its count of PROBE_TEXT
     _counts: ContentMemo[int] = field(default_factory=lambda: ContentMemo(KEPT_COUNTS), repr=False)
     _local: _Connections = field(default_factory=_Connections, repr=False)
     _pool: ThreadPoolExecutor = field(
@@ -143,6 +160,11 @@ class UpstreamTokenizer:
     @property
     def name(self) -> str:
         return f"exact (the upstream's tokenizer, {self.kind} POST /tokenize)"
+
+    @property
+    def identity(self) -> str:
+        model = self.endpoint.model or "the served model"
+        return f"{self.name} at {self.endpoint.base_url}, {model}, {self.probe_tokens} tokens in PROBE_TEXT"
 
     @property
     def exact(self) -> bool:
