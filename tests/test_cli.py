@@ -427,7 +427,8 @@ def test_doctor_gives_a_verdict_per_check(
     verdicts = {
         line.split(":")[0][6:]: line[:5].strip() for line in result.stdout.decode().splitlines() if ":" in line[:40]
     }
-    for check, level in {"git": "ok", "repository": "ok", "listen policy": "ok", "port": "ok", **expected}.items():
+    expected = {"git": "ok", "repository": "ok", "build cache": "ok", "listen policy": "ok", "port": "ok", **expected}
+    for check, level in expected.items():
         assert verdicts.get(check) == level, (check, result.stdout.decode())
     assert result.returncode == 0, result.stdout.decode()
     if engine:
@@ -437,17 +438,25 @@ def test_doctor_gives_a_verdict_per_check(
     assert settings_line.endswith("; changed from the defaults: stop_grace_ms=1000 (environment)"), settings_line
 
 
-def test_doctor_fails_on_an_unreachable_upstream_and_a_remote_listener_without_key(repo: Repo, tmp_path: Path) -> None:
+def test_doctor_fails_on_an_unreachable_upstream_a_remote_listener_without_key_and_a_shared_cache_dir(
+    repo: Repo, tmp_path: Path
+) -> None:
     env = command_env(
         tmp_path,
-        {"TARGET_API_URL": f"http://127.0.0.1:{free_port()}", "HOST": "0.0.0.0", "GIT_REPO_PATH": str(repo.path)},
+        {
+            "TARGET_API_URL": f"http://127.0.0.1:{free_port()}",
+            "HOST": "0.0.0.0",
+            "GIT_REPO_PATH": str(repo.path),
+            "BUILD_CACHE_DIR": "/tmp",
+        },
     )
     result = subprocess.run([COMMAND, "doctor"], env=env, capture_output=True, timeout=120, check=False)
     out = result.stdout.decode()
     assert result.returncode == 1
     assert "FAIL  upstream: " in out and "not reachable" in out
     assert "FAIL  listen policy: 0.0.0.0:8787 is not loopback and PROXY_API_KEY is unset" in out
-    assert out.rstrip().endswith("2 failed: listen policy, upstream")
+    assert "FAIL  build cache: /tmp may be written by group or others" in out
+    assert out.rstrip().endswith("3 failed: build cache, listen policy, upstream")
 
 
 def test_python_dash_m_is_the_same_command(tmp_path: Path) -> None:

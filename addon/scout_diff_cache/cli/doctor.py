@@ -1,6 +1,6 @@
 """``scout-diff-cache doctor``: what stands between this machine and a cached answer, one verdict per line.
 
-Checks, in order: git, the settings, the repository, the listen address (policy and whether the
+Checks, in order: git, the settings, the repository, the build cache, the listen address (policy and whether the
 port is free), the upstream (reachable, its models), its context window, its tokenizer, and whether
 it reports cached tokens (without which no verdict can say hit or miss). Every line starts with
 ``ok``, ``warn`` or ``FAIL``; the exit status is 1 when any check failed, else 0.
@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from ..chat.access import is_loopback
 from ..chat.upstream import get_json, post_json
 from ..chat.usage import usage_from_body
+from ..context.buildcache import BuildCache, UnsafeCacheDir
 from ..git.errors import GitError
 from ..git.repo import GitRepo
 from ..launch import LaunchSettings, load_launch
 from ..observe.tokenizer import TokenizerEndpoint, probe_tokenizer
 from ..observe.window import learn_window
 from ..settings import LAUNCH_NAMES, ConfigError, Settings, changed_settings, load_settings, resolve_config_path
+from ..text import human_bytes
+from ..wiring import build_cache_path
 
 TIMEOUT_SECONDS = 10
 CACHE_REPORTING_HINT = (
@@ -67,6 +70,20 @@ def repository_verdict(settings: Settings) -> Verdict:
     if head is None:
         return Verdict("warn", "repository", f"{where}: no commits yet (the snapshot is empty until the first)")
     return Verdict("ok", "repository", f"{where}: HEAD {head[:12]}, {tracked:,} tracked files")
+
+
+def build_cache_verdict(settings: Settings) -> Verdict:
+    path = build_cache_path(settings, os.environ)
+    if path is None:
+        return Verdict("warn", "build cache", "off (BUILD_CACHE_DIR=off): every start reads the whole repository")
+    try:
+        entries, size = BuildCache.open(path, settings.build_cache_max_bytes).usage()
+    except UnsafeCacheDir as e:
+        if settings.build_cache_dir == "auto":
+            return Verdict("warn", "build cache", f"{e}; the proxy runs without one")
+        return Verdict("FAIL", "build cache", f"{e}; the proxy refuses to start")
+    limit = human_bytes(settings.build_cache_max_bytes)
+    return Verdict("ok", "build cache", f"{path}: {entries} entries, {human_bytes(size)} (at most {limit})")
 
 
 def listen_verdicts(launch: LaunchSettings, settings: Settings) -> list[Verdict]:
@@ -193,6 +210,7 @@ def run(argv: Sequence[str], emit: Callable[[str], None] = print) -> int:
         Verdict("ok", "settings", f"config file {config_path or 'none'}; {changed_settings(settings, sources)}")
     )
     verdicts.append(repository_verdict(settings))
+    verdicts.append(build_cache_verdict(settings))
     verdicts.extend(listen_verdicts(launch, settings))
     verdicts.extend(upstream_verdicts(launch, settings))
     return _report(verdicts, emit)

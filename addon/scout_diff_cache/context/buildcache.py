@@ -162,6 +162,16 @@ class BuildCache:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
+    def usage(self) -> tuple[int, int]:
+        """How many entries it holds, and their bytes."""
+        sizes = [
+            item.stat().st_size
+            for kind in KINDS
+            for item in os.scandir(self.root / kind)
+            if not item.name.startswith(".tmp-")
+        ]
+        return len(sizes), sum(sizes)
+
     def _write(self, kind: str, key: str, meta: dict[str, Any], payload: bytes) -> None:
         digest = hashlib.sha256(payload).hexdigest()
         header = json.dumps({**meta, "bytes": len(payload), "sha256": digest}, separators=(",", ":")).encode()
