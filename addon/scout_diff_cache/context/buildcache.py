@@ -138,12 +138,14 @@ class BuildCache:
         try:
             with path.open("rb") as file:
                 entry = _parse(file.readline(), file.readline(), file.read())
-            os.utime(path)  # most recently used
         except OSError:
             return None
-        if entry is None:
-            logger.warning("build cache: %s is damaged; removed, built again", path)
-            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache is still read
+            if entry is None:
+                logger.warning("build cache: %s is damaged; removed, built again", path)
+                path.unlink(missing_ok=True)
+            else:
+                os.utime(path)  # most recently used
         return entry
 
     def write(self, kind: str, key: str, meta: dict[str, Any], payload: bytes) -> None:
