@@ -322,7 +322,7 @@ def with_history(
     history = "".join(block for _, block in tail_blocks)
     return Snapshot(
         commit=head,
-        message_json=b"".join([base.message_json[:start], *encoded, MESSAGE_END]),
+        message_json=b"".join([memoryview(base.message_json)[:start], *encoded, MESSAGE_END]),  # one copy, not two
         file_count=base.file_count,
         symlink_count=base.symlink_count,
         skipped_count=base.skipped_count,
