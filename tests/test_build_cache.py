@@ -13,8 +13,10 @@ import logging
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,6 +221,16 @@ async def test_a_shallow_clone_keeps_no_depth_and_a_fitted_base_is_kept_per_toke
     assert (await current(settings, other_dir, exact(probe.probe_tokens))).snapshot == fitted.snapshot
 
 
+def written_health(proxy: Proxy) -> dict[str, Any]:
+    """/health's build_cache once the base's write (on the cache's own thread) has finished; 5 s at most."""
+    deadline = time.monotonic() + 5
+    while True:
+        report: dict[str, Any] = proxy.get("/health").json()["build_cache"]
+        if report["bases"]["written"] or time.monotonic() > deadline:
+            return report
+        time.sleep(0.05)
+
+
 def test_a_restarted_proxy_sends_the_same_bytes_read_from_its_build_cache(
     history_repo: Repo, upstream: Upstream, start_proxy: Callable[..., Proxy], tmp_path: Path
 ) -> None:
@@ -233,9 +245,13 @@ def test_a_restarted_proxy_sends_the_same_bytes_read_from_its_build_cache(
     first = start_proxy(upstream.url, env)
     assert first.post("/v1/chat/completions", CHAT, JSON).status == 200
     before = upstream.chat_requests()[-1]
+    first_health = written_health(first)
+    assert first_health["dir"] == str(tmp_path / "bc")
     first.process.terminate()
     assert first.wait_exit() == 0
     assert "read from the build cache" not in first.log()
+    assert first_health["bases"] == {"read": 0, "missed": 1, "written": 1}, first_health
+    assert first_health["blocks"]["written"] == COMMITS_AFTER_BASE
 
     second = start_proxy(upstream.url, env)
     answer = second.post("/v1/chat/completions", CHAT, JSON)
@@ -245,4 +261,7 @@ def test_a_restarted_proxy_sends_the_same_bytes_read_from_its_build_cache(
     assert after.headers["x-scout-prefix-key"] == before.headers["x-scout-prefix-key"]
     assert "read from the build cache" in second.log()
     assert "token counts: exact" in second.log()
+    health = second.get("/health").json()["build_cache"]
+    assert health["bases"]["read"] == 1 and health["bases"]["written"] == 0, health
+    assert health["blocks"] == {"read": COMMITS_AFTER_BASE, "missed": 0, "written": 0}, health
     assert os.listdir(tmp_path / "bc" / "bases")

@@ -117,6 +117,16 @@ class BuildCache:
         self._lock = threading.Lock()
         self._total: int | None = None  # bytes on disk, counted at the first write
         self._failed = False
+        self._counts = {kind: {"read": 0, "missed": 0, "written": 0} for kind in KINDS}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per kind of entry, how many this process read back, looked for in vain, and wrote (/health)."""
+        with self._lock:
+            return {kind: dict(counts) for kind, counts in self._counts.items()}
+
+    def _count(self, kind: str, what: str) -> None:
+        with self._lock:
+            self._counts[kind][what] += 1
 
     @classmethod
     def open(cls, root: Path, max_bytes: int) -> BuildCache:
@@ -139,7 +149,9 @@ class BuildCache:
             with path.open("rb") as file:
                 entry = _parse(file.readline(), file.readline(), file.read())
         except OSError:
+            self._count(kind, "missed")
             return None
+        self._count(kind, "missed" if entry is None else "read")
         with contextlib.suppress(OSError):  # a read-only cache is still read
             if entry is None:
                 logger.warning("build cache: %s is damaged; removed, built again", path)
@@ -185,6 +197,7 @@ class BuildCache:
                 file.write(FORMAT + header + b"\n")
                 file.write(payload)
             os.replace(temporary, folder / key)
+            self._count(kind, "written")
         except OSError as e:
             if not self._failed:
                 logger.warning("build cache: cannot write under %s (%s); restarts will build again", folder, e)

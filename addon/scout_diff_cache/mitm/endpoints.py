@@ -81,6 +81,7 @@ class LocalEndpoints:
             },
             fit=snapshot.fit.as_dict() | {"history_tokens": snapshot.tail_tokens} if snapshot.fit else None,
             snapshot_builds=provider.snapshot_builds,
+            build_cache=build_cache_report(provider),
             cache=self.state.tracker.recent_summary(),
             retrieval=self.retrieval(settings, snapshot),
         )
@@ -101,6 +102,14 @@ class LocalEndpoints:
             "build_seconds": round(index.build_seconds, 3),
             "commit": index.commit,
         }
+
+
+def build_cache_report(provider: ContextProvider) -> dict[str, Any]:
+    """Where the build cache is, and what this process read back from it, missed and wrote, per kind."""
+    if provider.builds is None:
+        return {"dir": None}
+    cache = provider.builds.cache
+    return {"dir": str(cache.root), **cache.counts()}
 
 
 def model_card(model_id: str) -> dict[str, Any]:
