@@ -108,7 +108,7 @@ async def cold_first_answer(path: Path, rounds: int, scratch: Path) -> None:
     )
     print(
         f"  ratio cold / git archive, first start (nothing kept yet): {min(colds) / min(archives):.2f}x "
-        f"(goal <= 1.3x; the CPU floor on 2 cores is about 1.6x, README 'Known limits')"
+        f"(goal <= 1.3x; on 2 cores its CPU time puts the floor near 1.55x, README 'Known limits')"
     )
     print(
         f"  ratio cold / git archive, restart (build cache kept): {min(restarts) / min(archives):.2f}x "
