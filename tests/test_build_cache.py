@@ -106,9 +106,16 @@ async def test_a_changed_setting_or_repository_config_is_built_afresh_never_read
     assert SECRET.encode() in (await current(redacting_less, cache_dir)).snapshot.message_json
     assert SECRET.encode() not in (await current(settings_for(history_repo), cache_dir)).snapshot.message_json
 
+    history_repo.git("config", "branch.main.description", "not part of what is rendered")
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    await current(settings_for(history_repo), cache_dir)
+    monkeypatch.delenv("GIT_TRACE")
+    assert not any("cat-file" in p or "diff-tree" in p for p in git_processes(trace))  # still read back
+
     with (history_repo.path / ".git" / "config").open("a") as config:
         config.write('[diff "markdown"]\n\txfuncname = "^#.*$"\n')  # could change the tail's hunk headers
-    trace = tmp_path / "trace"
+    trace.unlink()
     monkeypatch.setenv("GIT_TRACE", str(trace))
     after_edit = await current(settings_for(history_repo), cache_dir)
     monkeypatch.delenv("GIT_TRACE")

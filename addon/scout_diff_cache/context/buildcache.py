@@ -9,8 +9,9 @@ Every entry is named by SHA-256 over what its bytes depend on, so a changed sett
 an edited repository config never reads an entry made under others (``Scope``):
 
 - this package's source files and git's version (what renders, and what makes the patches);
-- the repository: its git directory, its ``config`` and ``info/attributes`` (diff drivers and
-  binary attributes shape patches; they are not part of any commit);
+- the repository: its git directory, git's ``diff.*`` configuration (every scope: a diff driver's
+  hunk-header pattern shapes patches) and ``info/attributes`` (which assigns drivers and marks
+  files binary); neither is part of any commit;
 - the settings the build takes (size limits, exclusions, secret rules, the history settings, the
   preamble and the window budget) and the commit.
 
@@ -73,15 +74,14 @@ def git_version() -> str:
 
 
 def repository_identity(repo: GitRepo) -> list[str]:
-    """What, besides a commit, shapes what is read from this repository: where it is, its config and
-    attributes files (read again for every scope: a user may edit them between restarts)."""
-    parts = [str(repo.common_dir.resolve())]
-    for name in ("config", "info/attributes"):
-        try:
-            parts.append(hashlib.sha256((repo.common_dir / name).read_bytes()).hexdigest())
-        except OSError:
-            parts.append("-")
-    return parts
+    """What, besides a commit, shapes what is read from this repository: where it is, git's diff
+    configuration and its attributes file (read at every start: a user may edit them between)."""
+    diff_config = repo.run("config", "--get-regexp", r"^diff\.", ok_codes=(0, 1))  # 1: none set
+    try:
+        attributes = (repo.common_dir / "info" / "attributes").read_bytes()
+    except OSError:
+        attributes = b""
+    return [str(repo.common_dir.resolve()), hashlib.sha256(diff_config + b"\0" + attributes).hexdigest()]
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ class Scope:
     digest: str
 
     @classmethod
-    def of(cls, repo: GitRepo, settings: Sequence[object]) -> Scope:
-        material = [FORMAT.decode(), code_digest(), git_version(), *repository_identity(repo), repr(tuple(settings))]
+    def of(cls, repository: Sequence[str], settings: Sequence[object]) -> Scope:
+        material = [FORMAT.decode(), code_digest(), git_version(), *repository, repr(tuple(settings))]
         return cls(hashlib.sha256("\0".join(material).encode("utf-8", "surrogatepass")).hexdigest())
 
     def key(self, *parts: object) -> str:
@@ -172,9 +172,6 @@ class BuildCache:
             pending = list(self._pending)
         for future in pending:
             future.result()
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
 
     def usage(self) -> tuple[int, int]:
         """How many entries it holds, and their bytes."""
@@ -277,10 +274,11 @@ class RepositoryBuilds:
     def __init__(self, cache: BuildCache, repo: GitRepo, limits: SnapshotLimits, full_files: bool) -> None:
         self.cache = cache
         self.repo = repo
-        self._bases = Scope.of(repo, ("bases", limits_key(limits)))
-        self._blocks = Scope.of(repo, ("blocks", limits_key(limits), full_files))
-        self._sizes = Scope.of(repo, ("sizes", limits_key(limits)))
-        self._depths = Scope.of(repo, ("depths",))
+        repository = repository_identity(repo)
+        self._bases = Scope.of(repository, ("bases", limits_key(limits)))
+        self._blocks = Scope.of(repository, ("blocks", limits_key(limits), full_files))
+        self._sizes = Scope.of(repository, ("sizes", limits_key(limits)))
+        self._depths = Scope.of(repository, ("depths",))
 
     def snapshot(
         self, commit: str, preamble: str, budget: WindowBudget | None, build: Callable[[], Snapshot]
