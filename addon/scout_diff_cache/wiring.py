@@ -7,10 +7,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .context.buildcache import BuildCache, RepositoryBuilds, UnsafeCacheDir
+from .context.buildcache import BuildCache, UnsafeCacheDir
 from .context.fit import WindowBudget
 from .context.history import HistoryLimits
 from .context.provider import BuildObserver, ContextProvider
+from .context.repobuilds import RepositoryBuilds
 from .context.secrets import SecretPatternError, SecretScanner
 from .context.snapshot import SnapshotLimits
 from .context.tokens import BytesPerTokenRule, TokenMeasure

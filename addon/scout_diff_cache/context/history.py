@@ -31,8 +31,8 @@ from dataclasses import dataclass, replace
 from ..git.commits import first_parent_depth, first_parent_line
 from ..git.repo import GitRepo
 from .blocks import BlockRenderer
-from .buildcache import RepositoryBuilds
 from .fit import BLOCK_SLACK_TOKENS, WindowBudget
+from .repobuilds import RepositoryBuilds
 from .snapshot import SnapshotContent, SnapshotLimits, select_entries
 from .tokens import utf8_length
 

@@ -19,9 +19,9 @@ from typing import Literal, Protocol
 from ..git.repo import GitRepo
 from ..git.watcher import ChangeMonitor, Generation
 from ..text import human_bytes, short_commit
-from .buildcache import RepositoryBuilds
 from .fit import WindowBudget
 from .history import History, HistoryLimits, tail_share
+from .repobuilds import RepositoryBuilds
 from .snapshot import PREAMBLE, Snapshot, SnapshotLimits, append_preamble, build_snapshot, with_history
 from .workdiff import DiffLimits, WorkingDiff, build_working_diff
 
