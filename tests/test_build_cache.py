@@ -22,8 +22,12 @@ import pytest
 
 from scout_diff_cache.context.buildcache import KINDS, BuildCache, UnsafeCacheDir
 from scout_diff_cache.context.fit import WindowBudget
+from scout_diff_cache.context.history import DEPTH_LOOKBACK, History, HistoryLimits
 from scout_diff_cache.context.provider import ContextProvider, RepoContext
+from scout_diff_cache.context.repobuilds import RepositoryBuilds
+from scout_diff_cache.context.snapshot import SnapshotLimits
 from scout_diff_cache.context.tokens import BYTE_BOUND
+from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.observe.tokenizer import TokenizerEndpoint, UpstreamTokenizer, probe_tokenizer
 from scout_diff_cache.settings import ConfigError, Settings
 from scout_diff_cache.wiring import build_cache_path, context_provider, open_build_cache
@@ -172,6 +176,33 @@ async def test_entries_are_private_and_a_directory_others_may_write_is_refused(
         assert open_build_cache(settings_for(history_repo), environ) is None
     assert "build cache off" in caplog.text
     assert open_build_cache(settings_for(history_repo, build_cache_dir="off")) is None
+
+
+def test_after_many_commits_in_one_run_a_restart_still_finds_a_depth_and_keeps_few(
+    make_repo: Callable[..., Repo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo({"n.txt": "0\n"})
+    cache_dir = tmp_path / "cache"
+    git_repo = GitRepo(str(repo.path))
+    builds = RepositoryBuilds(BuildCache.open(cache_dir, 1 << 30), git_repo, limits_of(repo), False)
+    running = History(git_repo, limits_of(repo), HistoryLimits(4, 100, False), builds)
+    commits = DEPTH_LOOKBACK * 2 + 5
+    for i in range(1, commits + 1):  # one process sees every commit, each from its parent's depth
+        repo.write({"n.txt": f"{i}\n"})
+        running.tail_for(repo.commit_all(f"commit {i}"))
+    builds.cache.flush()
+    assert len(list((cache_dir / "depths").iterdir())) <= commits // (DEPTH_LOOKBACK // 2) + 1
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    restarted = History(git_repo, limits_of(repo), HistoryLimits(4, 100, False), builds)
+    tail = restarted.tail_for(repo.head())
+    monkeypatch.delenv("GIT_TRACE")
+    assert not [p for p in git_processes(trace) if "--count" in p]  # the depth came from one kept on disk
+    assert tail == History(git_repo, limits_of(repo), HistoryLimits(4, 100, False)).tail_for(repo.head())
+
+
+def limits_of(repo: Repo) -> SnapshotLimits:
+    return context_provider(Settings.model_validate({"git_repo_path": str(repo.path)}), watch=False).snapshot_limits
 
 
 def test_auto_is_under_xdg_cache_home_else_under_home() -> None:

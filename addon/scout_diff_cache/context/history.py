@@ -85,6 +85,7 @@ class History:
         self.limits = limits
         self._blocks: OrderedDict[str, str] = OrderedDict()
         self._depths: OrderedDict[str, int] = OrderedDict()
+        self._kept_depths: set[str] = set()  # commits whose depth is on disk (one every DEPTH_LOOKBACK / 2)
         self._base_bytes: dict[str, int] = {}
         self.redacted: dict[str, int] = {}  # commit -> secrets redacted in its block
         self._lock = threading.Lock()  # two HEADs may be worked out at once, in two threads
@@ -134,8 +135,10 @@ class History:
         depth = self._known_depth(line)
         if depth is None:
             depth = first_parent_depth(self.repo, head)
-        if self.builds is not None and head not in self._depths:
+        if self.builds is not None and not self._kept_depths.intersection(line[: DEPTH_LOOKBACK // 2]):
+            # One depth on disk every DEPTH_LOOKBACK / 2 commits: a restart finds one within its lookback.
             self.builds.save_depth(head, depth)
+            self._kept_depths.add(head)
         self._depths[head] = depth
         self._depths.move_to_end(head)
         while len(self._depths) > KEPT_DEPTHS:
@@ -152,6 +155,7 @@ class History:
             for steps, commit in enumerate(recent):
                 depth = self.builds.depth(commit)
                 if depth is not None:
+                    self._kept_depths.add(commit)
                     return depth + steps
         return None
 
