@@ -150,6 +150,12 @@ def _skip_ws(text: str, index: int) -> int:
     return index
 
 
+def git_processes(trace: Path) -> list[str]:
+    """The git commands started while ``GIT_TRACE`` pointed at ``trace`` (one 'built-in' line each)."""
+    lines = trace.read_text(errors="replace").splitlines() if trace.exists() else []
+    return [line.split("built-in: ", 1)[1] for line in lines if "trace: built-in: " in line]
+
+
 def raw_messages(body: bytes) -> list[bytes]:
     """Split a JSON object's top-level ``messages`` array into its elements' raw bytes (no re-encoding)."""
     text = body.decode("utf-8")

@@ -31,7 +31,7 @@ from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.observe.tokenizer import TokenizerEndpoint, UpstreamTokenizer, probe_tokenizer
 from scout_diff_cache.settings import ConfigError, Settings
 from scout_diff_cache.wiring import build_cache_path, context_provider, open_build_cache
-from support import Proxy, Repo, Upstream
+from support import Proxy, Repo, Upstream, git_processes
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 JSON = {"content-type": "application/json"}
@@ -57,12 +57,6 @@ async def current(settings: Settings, cache_dir: Path | None, budget: WindowBudg
     if fresh.builds is not None:
         fresh.builds.cache.flush()
     return context
-
-
-def git_processes(trace: Path) -> list[str]:
-    """The git commands started while GIT_TRACE wrote to ``trace``."""
-    lines = trace.read_text(errors="replace").splitlines() if trace.exists() else []
-    return [line.split("built-in: ", 1)[1] for line in lines if "trace: built-in: " in line]
 
 
 @pytest.fixture

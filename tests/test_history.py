@@ -42,7 +42,7 @@ from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.repo import GitRepo
 from scout_diff_cache.git.watcher import ChangeMonitor
 from scout_diff_cache.observe.metrics import ProxyMetrics
-from support import GIT_COMMIT_ENV, Repo
+from support import GIT_COMMIT_ENV, Repo, git_processes
 
 NEVER_HALVE = 10**9  # a max_tail_percent no tail reaches
 FILTER = PathFilter.build((), True)  # the default exclusions: .env, *.key, id_rsa, lock files, ...
@@ -1212,12 +1212,6 @@ def test_blocks_do_not_depend_on_a_users_attributes_file(make_repo: Callable[...
     assert configured == plain
 
 
-def _git_processes(trace: Path) -> list[str]:
-    """The git commands started while GIT_TRACE wrote to ``trace`` (one 'built-in' line per process)."""
-    lines = trace.read_text(errors="replace").splitlines() if trace.exists() else []
-    return [line.split("built-in: ", 1)[1] for line in lines if "trace: built-in: " in line]
-
-
 def test_a_long_tail_is_read_by_a_few_git_processes_not_a_few_per_commit(
     make_repo: Callable[..., Repo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1232,7 +1226,7 @@ def test_a_long_tail_is_read_by_a_few_git_processes_not_a_few_per_commit(
     rendered = render(history, repo.head())
 
     assert len(rendered.tail.commits) == 40
-    started = _git_processes(trace)  # the base snapshot's included (ls-tree, cat-file, its tree's sizes)
+    started = git_processes(trace)  # the base snapshot's included (ls-tree, cat-file, its tree's sizes)
     assert len(started) <= 10, started
     check(repo.path, rendered, tmp_path)
 
@@ -1251,7 +1245,7 @@ def test_each_new_commit_costs_git_work_for_itself_only_and_matches_a_fresh_read
         monkeypatch.setenv("GIT_TRACE", str(trace))
         tail = long_lived.tail_for(head)
         monkeypatch.delenv("GIT_TRACE")
-        started = _git_processes(trace)
+        started = git_processes(trace)
         assert not any("--count" in p for p in started), started  # the depth came from a known parent
         assert sum("diff-tree" in p for p in started) <= 1, started
         fresh = History(GitRepo(str(repo.path)), limits(), HistoryLimits(4, NEVER_HALVE, False)).tail_for(head)

@@ -19,7 +19,7 @@ from scout_diff_cache.context.workdiff import DiffLimits, WorkingDiff, build_wor
 from scout_diff_cache.git.exclusions import PathFilter
 from scout_diff_cache.git.patches import git_quote, git_unquote, new_file_patch, patch_path, split_patch
 from scout_diff_cache.git.repo import GitRepo
-from support import GIT_COMMIT_ENV, Repo, listed_items
+from support import GIT_COMMIT_ENV, Repo, git_processes, listed_items
 
 MakeRepo = Callable[..., Repo]
 
@@ -933,8 +933,7 @@ def test_the_working_diff_asks_git_without_a_pathspec(
     diff = wdiff(repo)
     monkeypatch.delenv("GIT_TRACE")
 
-    commands = [line.split("built-in: ", 1)[1] for line in trace.read_text().splitlines() if "built-in: " in line]
-    diff_index = [command for command in commands if " diff-index " in command]
+    diff_index = [command for command in git_processes(trace) if " diff-index " in command]
     assert len(diff_index) == 1 and diff_index[0].endswith(" --"), diff_index
     assert list(patches(diff)) == [b"a.txt", b"new.txt"]
     assert listing(diff, "changed files excluded by path pattern") == ["package-lock.json"]
