@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -148,6 +148,22 @@ def _skip_ws(text: str, index: int) -> int:
     while index < len(text) and text[index] in " \t\n\r":
         index += 1
     return index
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    timeout: float,
+    interval: float,
+    failure: Callable[[], str],
+) -> None:
+    """Wait until ``ready()`` (bounded by ``timeout`` seconds); AssertionError with ``failure()`` if the
+    process ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(failure())
+        time.sleep(interval)
 
 
 def git_processes(trace: Path) -> list[str]:

@@ -36,6 +36,7 @@ from support import (
     mitmweb_args,
     proxy_env,
     stop_process,
+    wait_ready,
 )
 from test_listener import listening
 
@@ -97,11 +98,13 @@ def run_command(
     command = Command(process, wait_port or 0, log_path)
     try:
         if wait_port is not None:
-            deadline = time.monotonic() + 30
-            while ("127.0.0.1", wait_port) not in _listening_or_empty(process.pid):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the command did not listen on {wait_port}:\n{command.log()}")
-                time.sleep(0.05)
+            wait_ready(
+                process,
+                lambda: ("127.0.0.1", wait_port) in _listening_or_empty(process.pid),
+                30,
+                0.05,
+                lambda: f"the command did not listen on {wait_port}:\n{command.log()}",
+            )
         yield command
     finally:
         stop_process(process)

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import yaml
 
 from scout_diff_cache.launch import launch_env_name
 from scout_diff_cache.settings import LAUNCH_NAMES, SETTING_NAMES, env_name
-from support import ROOT, Repo, Upstream, free_port, http_request, stop_process
+from support import ROOT, Repo, Upstream, free_port, http_request, stop_process, wait_ready
 from test_listener import listening
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -119,12 +118,17 @@ def started(
 ) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while ("127.0.0.1", port) not in listening(process.pid):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process(process)
-            raise AssertionError(f"not listening on {port}:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.1)
+    try:
+        wait_ready(
+            process,
+            lambda: ("127.0.0.1", port) in listening(process.pid),
+            60,
+            0.1,
+            lambda: f"not listening on {port}:\n{log_path.read_text(errors='replace')}",
+        )
+    except AssertionError:
+        stop_process(process)
+        raise
     return process
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from engine_client import Answer, ask
 from llama_server import LlamaServer, repo_files, run_llama_server, write_tiny_gguf
-from support import Proxy, Repo, free_port, stop_process
+from support import Proxy, Repo, free_port, stop_process, wait_ready
 
 ROUTER = Path(sys.executable).with_name("vllm-router")
 MAX_REPOSITORIES = 10  # repositories tried until two replicas have been used (each one: 1 in 2)
@@ -63,11 +63,13 @@ def run_router(replicas: Sequence[LlamaServer], log_dir: Path) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"vllm-router did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
+        wait_ready(
+            process,
+            lambda: _healthy(url),
+            60,
+            0.2,
+            lambda: f"vllm-router did not start:\n{log_path.read_text(errors='replace')[-3000:]}",
+        )
         yield url
     finally:
         stop_process(process)
